@@ -1,0 +1,110 @@
+"""Damping, factor decompositions and Kronecker preconditioning, all in float32.
+
+For a layer with gradient matrix `X` of shape `(d_in, d_out)` (kernel rows, then the bias row),
+the Fisher block is `A ⊗ G` acting as `X -> A X G`. The two damping modes are:
+
+- "eigen": exact damping of the product, `(A ⊗ G + λ I)⁻¹ vec(X)`. With `A = Qa diag(da) Qaᵀ`
+  and `G = Qg diag(dg) Qgᵀ`: `Qa [(Qaᵀ X Qg) / (da dgᵀ + λ)] Qgᵀ`.
+- "factored": Tikhonov damping split with the trace-norm π (Martens & Grosse, 2015, §6.3):
+  `(A + π√λ I)⁻¹ X (G + √λ/π I)⁻¹`, `π = sqrt((tr A / d_in) / (tr G / d_out))`.
+
+Factors of equal size are decomposed together in one batched call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Factors = dict[str, jax.Array]
+
+
+def _batched(fn: Callable, mats: Factors) -> list[Factors]:
+  """Applies a batched `fn(stack) -> tuple of stacks` to each equal-shape group of `mats`."""
+  groups: dict[tuple[int, ...], list[str]] = {}
+  for key, m in mats.items():
+    groups.setdefault(m.shape, []).append(key)
+  results: list[Factors] = []
+  for keys in groups.values():
+    outs = fn(jnp.stack([mats[k] for k in keys]))
+    results = results or [{} for _ in outs]
+    for result, out in zip(results, outs):
+      result.update(zip(keys, out))
+  return results
+
+
+def _symmetric(m: jax.Array) -> jax.Array:
+  return 0.5 * (m + jnp.swapaxes(m, -1, -2))
+
+
+def _eigh(stack: jax.Array) -> tuple[jax.Array, jax.Array]:
+  vals, vecs = jnp.linalg.eigh(_symmetric(stack))
+  return jnp.maximum(vals, 0.0), vecs
+
+
+def _inv_psd(stack: jax.Array) -> tuple[jax.Array]:
+  chol = jnp.linalg.cholesky(_symmetric(stack))
+  eye = jnp.broadcast_to(jnp.eye(stack.shape[-1], dtype=stack.dtype), stack.shape)
+  chol_inv = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+  return (jnp.swapaxes(chol_inv, -1, -2) @ chol_inv,)
+
+
+def eigendecompose(factors: Factors) -> tuple[Factors, Factors]:
+  """(eigenvalues floored at 0, eigenvectors) of each symmetric factor."""
+  if not factors:
+    return {}, {}
+  vals, vecs = _batched(_eigh, factors)
+  return vals, vecs
+
+
+def pi_correction(a_factor: jax.Array, g_factor: jax.Array) -> jax.Array:
+  """π = sqrt((tr A / dim A) / (tr G / dim G)), 1 where either trace vanishes."""
+  a_mean = jnp.trace(a_factor) / a_factor.shape[-1]
+  g_mean = jnp.trace(g_factor) / g_factor.shape[-1]
+  ok = (a_mean > 0) & (g_mean > 0)
+  return jnp.sqrt(jnp.where(ok, a_mean, 1.0) / jnp.where(ok, g_mean, 1.0))
+
+
+def factored_inverses(
+    a_factors: Factors, g_factors: Factors, damping: jax.Array
+) -> tuple[Factors, Factors]:
+  """`(A + π√λ I)⁻¹` and `(G + √λ/π I)⁻¹` for each layer."""
+  a_damped, g_damped = {}, {}
+  for key, a in a_factors.items():
+    g = g_factors[key]
+    pi = pi_correction(a, g)
+    root = jnp.sqrt(damping)
+    a_damped[key] = a + pi * root * jnp.eye(a.shape[0], dtype=a.dtype)
+    g_damped[key] = g + root / pi * jnp.eye(g.shape[0], dtype=g.dtype)
+  if not a_damped:
+    return {}, {}
+  (a_inv,) = _batched(_inv_psd, a_damped)
+  (g_inv,) = _batched(_inv_psd, g_damped)
+  return a_inv, g_inv
+
+
+def precondition_eigen(
+    x: jax.Array,
+    a_eigvecs: jax.Array,
+    a_eigvals: jax.Array,
+    g_eigvecs: jax.Array,
+    g_eigvals: jax.Array,
+    damping: jax.Array,
+) -> jax.Array:
+  """`(A ⊗ G + λ I)⁻¹` applied to the gradient matrix `x` of shape `(d_in, d_out)`."""
+  v = a_eigvecs.T @ x @ g_eigvecs
+  v = v / (jnp.outer(a_eigvals, g_eigvals) + damping)
+  return a_eigvecs @ v @ g_eigvecs.T
+
+
+def precondition_factored(x: jax.Array, a_inverse: jax.Array, g_inverse: jax.Array) -> jax.Array:
+  """`(A + π√λ I)⁻¹ x (G + √λ/π I)⁻¹` from the damped inverses."""
+  return a_inverse @ x @ g_inverse
+
+
+def all_finite(tree) -> jax.Array:
+  """One boolean: every leaf of `tree` is finite."""
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
