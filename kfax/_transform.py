@@ -158,10 +158,10 @@ def kfac(
         state.stats_count)
     for key, new in stats.items():
       w = jnp.where(state.stats_count[key] > 0, decay, 0.0)  # first statistics replace
-      a_factor[key] = jnp.where(finite, w * a_factor[key] + (1 - w) * new['a_factor'],
-                                a_factor[key])
-      g_factor[key] = jnp.where(finite, w * g_factor[key] + (1 - w) * new['g_factor'],
-                                g_factor[key])
+      for factors, name in ((a_factor, 'a_factor'), (g_factor, 'g_factor')):
+        old = factors[key]
+        ema = w * old + (1 - w) * new[name].astype(old.dtype)
+        factors[key] = jnp.where(finite, ema, old).astype(old.dtype)
       stats_count[key] = stats_count[key] + finite.astype(jnp.int32)
     return state._replace(
         a_factor=a_factor, g_factor=g_factor, stats_count=stats_count,

@@ -1,0 +1,209 @@
+"""kfax.kfac as an optax transformation: the optax checklist, state safety, errors, checkpoints."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import kfax
+from utils import assert_close, compile_counter
+
+
+class CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), strides=2)(x))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def _problem(seed=0):
+  model = CNN()
+  kx, ky = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (8, 6, 6, 1))
+  y = jax.random.randint(ky, (8,), 0, 3)
+  params = model.init(jax.random.key(1), x)['params']
+  loss_fn = lambda p, x, y: kfax.softmax_cross_entropy(model.apply({'params': p}, x), y)
+  return params, loss_fn, x, y
+
+
+def _steps(tx, loss_fn):
+  grad_fn = kfax.value_grad_and_stats(loss_fn, fisher='mc')
+
+  def with_stats(params, state, x, y, key):
+    _, grads, stats = grad_fn(params, x, y, rng=key)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    return optax.apply_updates(params, updates), state
+
+  def without_stats(params, state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, state = tx.update(grads, state, params, stats=None)
+    return optax.apply_updates(params, updates), state
+
+  return with_stats, without_stats
+
+
+@pytest.mark.parametrize('mode', ['eigen', 'factored'])
+def test_jit_compiles_once_across_refresh_and_no_stats_steps(mode):
+  params, loss_fn, x, y = _problem()
+  tx = optax.chain(kfax.kfac(damping=1e-2, inverse_every=3, damping_mode=mode), optax.sgd(0.05))
+  with_stats, without_stats = _steps(tx, loss_fn)
+  with_stats, stats_traces = compile_counter(with_stats)
+  without_stats, plain_traces = compile_counter(without_stats)
+  state = tx.init(params)
+  losses = []
+  for step in range(8):
+    if step % 2 == 0:
+      params, state = with_stats(params, state, x, y, jax.random.key(step))
+    else:
+      params, state = without_stats(params, state, x, y)
+    losses.append(float(loss_fn(params, x, y)))
+  assert stats_traces[0] == 1 and plain_traces[0] == 1
+  assert int(state[0].count) == 8
+  assert losses[-1] < losses[0]
+
+
+def test_stats_none_keeps_factors_and_refresh_follows_the_period():
+  params, loss_fn, x, y = _problem()
+  tx = kfax.kfac(inverse_every=4, ema_decay=0.5)
+  state = tx.init(params)
+  grad_fn = kfax.value_grad_and_stats(loss_fn)
+  _, grads, stats = grad_fn(params, x, y)
+  update = jax.jit(lambda g, s, st: tx.update(g, s, stats=st))
+  _, s1 = update(grads, state, stats)  # count 0: first stats, refresh
+  assert_close(s1.a_factor['Conv_0'], stats['Conv_0']['a_factor'])  # first stats replace
+  _, s2 = update(grads, s1, None)  # count 1: nothing changes
+  jax.tree.map(np.testing.assert_array_equal, s2.a_factor, s1.a_factor)
+  _, s3 = update(grads, s2, jax.tree.map(lambda s: 3.0 * s, stats))  # count 2: EMA, no refresh
+  assert_close(s3.a_factor['Conv_0'], 0.5 * stats['Conv_0']['a_factor']
+               + 0.5 * 3.0 * stats['Conv_0']['a_factor'], rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, s3.a_eigvals, s1.a_eigvals)
+  _, s4 = update(grads, s3, None)  # count 3
+  _, s5 = update(grads, s4, None)  # count 4: refresh
+  assert_close(s5.a_eigvals['Conv_0'], 2.0 * s1.a_eigvals['Conv_0'], rtol=1e-4, atol=1e-6)
+  assert [int(s.count) for s in (s1, s2, s3, s4, s5)] == [1, 2, 3, 4, 5]
+
+
+def test_gradients_pass_through_until_statistics_arrive():
+  params, loss_fn, x, y = _problem()
+  tx = kfax.kfac()
+  grads = jax.grad(loss_fn)(params, x, y)
+  updates, _ = tx.update(grads, tx.init(params), stats=None)
+  jax.tree.map(np.testing.assert_array_equal, updates, grads)
+
+
+def test_nan_statistics_leave_the_factors_unchanged():
+  params, loss_fn, x, y = _problem()
+  tx = kfax.kfac()
+  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
+  _, state = tx.update(grads, tx.init(params), stats=stats)
+  bad = jax.tree.map(lambda s: s.at[0, 0].set(jnp.nan), stats)
+  updates, new_state = jax.jit(lambda g, s, st: tx.update(g, s, stats=st))(grads, state, bad)
+  jax.tree.map(np.testing.assert_array_equal, new_state.a_factor, state.a_factor)
+  jax.tree.map(np.testing.assert_array_equal, new_state.stats_count, state.stats_count)
+  assert int(new_state.skipped_stats) == 1 and int(new_state.failed_refreshes) == 0
+  assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
+
+
+def test_a_failing_refresh_keeps_the_last_good_inverse():
+  params, loss_fn, x, y = _problem()
+  tx = kfax.kfac(damping_mode='factored', inverse_every=1, ema_decay=0.0)
+  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
+  _, state = tx.update(grads, tx.init(params), stats=stats)
+  # Finite but negative definite: the Cholesky factorization fails and yields NaN.
+  bad = {k: {'a_factor': -10.0 * jnp.eye(v['a_factor'].shape[0]), 'g_factor': v['g_factor']}
+         for k, v in stats.items()}
+  updates, new_state = jax.jit(lambda g, s, st: tx.update(g, s, stats=st))(grads, state, bad)
+  assert int(new_state.failed_refreshes) == 1 and int(new_state.skipped_stats) == 0
+  jax.tree.map(np.testing.assert_array_equal, new_state.a_inverse, state.a_inverse)
+  assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
+
+
+def test_inject_hyperparams_and_state_stable_under_lax_cond():
+  params, loss_fn, x, y = _problem()
+  tx = optax.inject_hyperparams(kfax.kfac)(damping=1e-3, ema_decay=0.9, inverse_every=2)
+  state = tx.init(params)
+  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
+
+  @jax.jit
+  def step(state, pred):
+    return jax.lax.cond(pred, lambda s: tx.update(grads, s, stats=stats),
+                        lambda s: (grads, s), state)
+
+  _, s1 = step(state, True)
+  assert jax.tree.structure(s1) == jax.tree.structure(state)
+  jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail(), s1, state)
+  updates_small, _ = tx.update(grads, s1, stats=None)
+  s1.hyperparams['damping'] = jnp.asarray(10.0)
+  updates_big, _ = tx.update(grads, s1, stats=None)
+  small = optax.tree.norm(updates_small)
+  assert float(optax.tree.norm(updates_big)) < 0.1 * float(small)
+
+
+def test_norm_constraint_bounds_the_fisher_norm():
+  params, loss_fn, x, y = _problem()
+  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
+  free = kfax.kfac(damping=1e-3)
+  v, _ = free.update(grads, free.init(params), stats=stats)
+  fisher_norm = float(optax.tree.vdot(v, grads))
+  bounded = kfax.kfac(damping=1e-3, norm_constraint=fisher_norm / 4)
+  w, _ = bounded.update(grads, bounded.init(params), stats=stats)
+  jax.tree.map(lambda a, b: assert_close(a, 0.5 * b, rtol=1e-5, atol=1e-8), w, v)
+
+
+def test_checkpoint_round_trip_gives_bit_identical_updates(tmp_path):
+  ocp = pytest.importorskip('orbax.checkpoint')
+  params, loss_fn, x, y = _problem()
+  tx = optax.chain(kfax.kfac(inverse_every=2), optax.sgd(0.1, momentum=0.9))
+  with_stats, _ = _steps(tx, loss_fn)
+  with_stats = jax.jit(with_stats)
+  state = tx.init(params)
+  for step in range(3):
+    params, state = with_stats(params, state, x, y, jax.random.key(step))
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / 'opt', state)
+    ckpt.wait_until_finished()
+    restored = ckpt.restore(tmp_path / 'opt', jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  assert isinstance(restored[0], kfax.KfacState)
+  a = with_stats(params, state, x, y, jax.random.key(9))
+  b = with_stats(params, restored, x, y, jax.random.key(9))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(damping=-1e-3), r'`damping` must be > 0; pass a positive float or an optax schedule,'
+                          r' got -0.001'),
+    (dict(damping=0.0), r'`damping` must be > 0'),
+    (dict(ema_decay=1.5), r'`ema_decay` must be in \[0, 1\].*got 1.5'),
+    (dict(inverse_every=0), r'`inverse_every` must be an integer >= 1.*got 0'),
+    (dict(inverse_every=2.5), r'`inverse_every` must be an integer >= 1.*got 2.5'),
+    (dict(norm_constraint=-1.0), r'`norm_constraint` must be > 0, or None'),
+    (dict(damping_mode='tikhonov'), r"`damping_mode` must be one of \('eigen', 'factored'\),"
+                                    r" got 'tikhonov'"),
+])
+def test_bad_configuration_raises_at_construction(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    kfax.kfac(**kwargs)
+
+
+def test_axis_name_is_not_available_yet():
+  with pytest.raises(NotImplementedError, match="`axis_name='batch'`.*pass axis_name=None"):
+    kfax.kfac(axis_name='batch')
+
+
+def test_mismatched_trees_and_statistics_raise():
+  params, loss_fn, x, y = _problem()
+  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
+  tx = kfax.kfac()
+  state = tx.init(params)
+  wrong = dict(stats, Conv_0={'a_factor': jnp.eye(5), 'g_factor': jnp.eye(4)})
+  with pytest.raises(ValueError, match=r"layer 'Conv_0': capture saw factors of shapes A \(5, 5\)"):
+    tx.update(grads, state, stats=wrong)
+  with pytest.raises(ValueError, match=r"statistics for \['Other_0'\], which are not kernels"):
+    tx.update(grads, state, stats=dict(stats, Other_0=stats['Conv_0']))
+  other = dict(grads, Dense_0={'kernel': jnp.zeros((7, 3)), 'bias': jnp.zeros(3)})
+  with pytest.raises(ValueError, match=r"layer 'Dense_0' has kernel shape \(7, 3\), which does not"):
+    tx.update(other, state, stats=None)
+  with pytest.raises(ValueError, match=r"the updates lack the layers \['Dense_0'\]"):
+    tx.update({'Conv_0': grads['Conv_0']}, state, stats=None)
