@@ -50,7 +50,7 @@ class _Trace:
     self.mark_outputs = mark_outputs
     self.calls: list[tuple[str, _layers.FactorFn]] = []
     self.inputs: list[jax.Array] = []
-    self.shapes: list[jax.ShapeDtypeStruct] = []
+    self.outputs_seen: list[jax.Array] = []
     self.unsupported: dict[str, str] = {}
     self.outputs: list[tuple[jax.Array, Callable]] = []
 
@@ -70,7 +70,7 @@ class _Trace:
       return y
     self.calls.append((key, fn))
     if self.perturbations is None:
-      self.shapes.append(jax.ShapeDtypeStruct(y.shape, y.dtype))
+      self.outputs_seen.append(y)
       return y
     self.inputs.append(args[0] if args else kwargs['inputs'])
     return y + self.perturbations[len(self.calls) - 1]
@@ -162,9 +162,10 @@ def value_grad_and_stats(
 
     def shapes_only(p):
       probe.append(_Trace(p, None, mark_outputs=False))
-      return run(p, probe[0], args, kwargs)[0]
+      run(p, probe[0], args, kwargs)
+      return probe[0].outputs_seen
 
-    jax.eval_shape(shapes_only, params)
+    layer_outputs = jax.eval_shape(shapes_only, params)
     (probe,) = probe
     if not probe.calls:
       raise ValueError(
@@ -177,7 +178,9 @@ def value_grad_and_stats(
           ' pass through kfax.kfac unchanged.',
           stacklevel=2,
       )
-    perturbations = [jnp.zeros(s.shape, s.dtype) for s in probe.shapes]
+    # zeros_like keeps the output's type: under shard_map(check_vma=True) a device-varying
+    # perturbation, whose gradient is this device's dL/dy rather than its sum over devices.
+    perturbations = [jnp.zeros_like(s) for s in layer_outputs]
     traces: list[_Trace] = []
 
     def forward(p, perts):

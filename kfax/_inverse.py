@@ -14,24 +14,24 @@ Factors of equal size are decomposed together in one batched call.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 Factors = dict[str, jax.Array]
+Decomposition = tuple[jax.Array, ...]
 
 
-def _batched(fn: Callable, mats: Factors) -> list[Factors]:
+def _batched(fn: Callable, mats: dict[Any, jax.Array]) -> dict[Any, Decomposition]:
   """Applies a batched `fn(stack) -> tuple of stacks` to each equal-shape group of `mats`."""
-  groups: dict[tuple[int, ...], list[str]] = {}
+  groups: dict[tuple[int, ...], list[Any]] = {}
   for key, m in mats.items():
     groups.setdefault(m.shape, []).append(key)
-  results: list[Factors] = []
+  results = {}
   for keys in groups.values():
     outs = fn(jnp.stack([mats[k] for k in keys]))
-    results = results or [{} for _ in outs]
-    for result, out in zip(results, outs):
-      result.update(zip(keys, out))
+    results.update({k: tuple(out[i] for out in outs) for i, k in enumerate(keys)})
   return results
 
 
@@ -51,12 +51,14 @@ def _inv_psd(stack: jax.Array) -> tuple[jax.Array]:
   return (jnp.swapaxes(chol_inv, -1, -2) @ chol_inv,)
 
 
-def eigendecompose(factors: Factors) -> tuple[Factors, Factors]:
-  """(eigenvalues floored at 0, eigenvectors) of each symmetric factor."""
-  if not factors:
-    return {}, {}
-  vals, vecs = _batched(_eigh, factors)
-  return vals, vecs
+def eigendecompose(mats: dict[Any, jax.Array]) -> dict[Any, Decomposition]:
+  """`(eigenvalues floored at 0, eigenvectors)` of each symmetric matrix, batched by size."""
+  return _batched(_eigh, mats)
+
+
+def invert(mats: dict[Any, jax.Array]) -> dict[Any, Decomposition]:
+  """`(inverse,)` of each symmetric positive definite matrix (Cholesky), batched by size."""
+  return _batched(_inv_psd, mats)
 
 
 def pi_correction(a_factor: jax.Array, g_factor: jax.Array) -> jax.Array:
@@ -67,22 +69,13 @@ def pi_correction(a_factor: jax.Array, g_factor: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.where(ok, a_mean, 1.0) / jnp.where(ok, g_mean, 1.0))
 
 
-def factored_inverses(
-    a_factors: Factors, g_factors: Factors, damping: jax.Array
-) -> tuple[Factors, Factors]:
-  """`(A + π√λ I)⁻¹` and `(G + √λ/π I)⁻¹` for each layer."""
-  a_damped, g_damped = {}, {}
-  for key, a in a_factors.items():
-    g = g_factors[key]
-    pi = pi_correction(a, g)
-    root = jnp.sqrt(damping)
-    a_damped[key] = a + pi * root * jnp.eye(a.shape[0], dtype=a.dtype)
-    g_damped[key] = g + root / pi * jnp.eye(g.shape[0], dtype=g.dtype)
-  if not a_damped:
-    return {}, {}
-  (a_inv,) = _batched(_inv_psd, a_damped)
-  (g_inv,) = _batched(_inv_psd, g_damped)
-  return a_inv, g_inv
+def factored_damping(
+    a_factor: jax.Array, g_factor: jax.Array, damping: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """`A + π√λ I` and `G + √λ/π I`."""
+  pi, root = pi_correction(a_factor, g_factor), jnp.sqrt(damping)
+  return (a_factor + pi * root * jnp.eye(a_factor.shape[0], dtype=a_factor.dtype),
+          g_factor + root / pi * jnp.eye(g_factor.shape[0], dtype=g_factor.dtype))
 
 
 def precondition_eigen(

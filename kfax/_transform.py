@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kfax import _inverse
+from kfax import _distributed, _inverse
 from kfax._capture import Stats
 from kfax._params import LayerSlots, find_layers, gradient_matrix, set_gradient_matrix
 
@@ -51,7 +51,8 @@ def kfac(
     inverse_every: int = 10,
     damping_mode: str = 'eigen',
     norm_constraint: float | None = None,
-    axis_name: str | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
+    comm_dtype: str = 'float32',
 ) -> optax.GradientTransformationExtraArgs:
   """Precondition gradients with the damped Kronecker-factored Fisher (K-FAC).
 
@@ -84,7 +85,12 @@ def kfac(
     norm_constraint: if set, scales every update by `min(1, sqrt(c / vᵀg))`, where `vᵀg` is the
       squared Fisher norm of the preconditioned gradient `v` (Ba et al., 2017, §5). It does not
       see the learning rate: pass `c / learning_rate**2` for a KL bound.
-    axis_name: reserved for data-parallel use under `pmap`/`shard_map`; must be None for now.
+    axis_name: the device axis of `jax.pmap` / `jax.shard_map` to average statistics over and to
+      split refreshes across; None under plain `jit` (also with a batch-sharded input: XLA's
+      partitioner then computes the global statistics itself). Gradients are the caller's to
+      average, as with any optax transformation.
+    comm_dtype: dtype name of the statistics all-reduce: 'float32', or 'bfloat16' to halve its
+      bytes (a name, not `jnp.bfloat16`, so that `optax.inject_hyperparams` leaves it static).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update(updates, state, params=None, *,
@@ -120,11 +126,10 @@ def kfac(
     raise ValueError(
         f'kfax.kfac: `damping_mode` must be one of {DAMPING_MODES}, got {damping_mode!r}.'
     )
-  if axis_name is not None:
-    raise NotImplementedError(
-        f'kfax.kfac: `axis_name={axis_name!r}`: data-parallel K-FAC is not available yet; pass'
-        ' axis_name=None and all-reduce grads and stats yourself.'
-    )
+  comm_dtype = jnp.dtype(comm_dtype)
+  if comm_dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise ValueError(
+        f'kfax.kfac: `comm_dtype` must be float32, bfloat16 or float16, got {comm_dtype}.')
   eigen = damping_mode == 'eigen'
 
   def init_fn(params: optax.Params) -> KfacState:
@@ -169,19 +174,26 @@ def kfac(
 
   def refresh(state: KfacState, damping_now: jax.Array) -> KfacState:
     """New decompositions; a layer whose result is non-finite keeps its last good one."""
-    if eigen:
-      a_vals, a_vecs = _inverse.eigendecompose(state.a_factor)
-      g_vals, g_vecs = _inverse.eigendecompose(state.g_factor)
-      new = {'a_eigvals': a_vals, 'a_eigvecs': a_vecs, 'g_eigvals': g_vals, 'g_eigvecs': g_vecs}
+    work = {}
+    for key, a in state.a_factor.items():
+      g = state.g_factor[key]
+      work[('a', key)], work[('g', key)] = (
+          (a, g) if eigen else _inverse.factored_damping(a, g, damping_now))
+    decompose = _inverse.eigendecompose if eigen else _inverse.invert
+    if axis_name is None:
+      done = decompose(work)
     else:
-      a_inv, g_inv = _inverse.factored_inverses(state.a_factor, state.g_factor, damping_now)
-      new = {'a_inverse': a_inv, 'g_inverse': g_inv}
+      done = _distributed.split_work(decompose, work, axis_name)
+    names = (('eigvals', 'eigvecs') if eigen else ('inverse',))
     failed = jnp.array(False)
+    new = {f'{side}_{name}': {} for side in 'ag' for name in names}
     for key in state.a_factor:
-      ok = _inverse.all_finite([fields[key] for fields in new.values()])
+      ok = _inverse.all_finite([done[('a', key)], done[('g', key)]])
       failed = failed | ~ok
-      for name, fields in new.items():
-        fields[key] = jnp.where(ok, fields[key], getattr(state, name)[key])
+      for side in 'ag':
+        for name, value in zip(names, done[(side, key)]):
+          field = f'{side}_{name}'
+          new[field][key] = jnp.where(ok, value, getattr(state, field)[key])
     return state._replace(**new, failed_refreshes=state.failed_refreshes + failed.astype(jnp.int32))
 
   def precondition(x: jax.Array, key: str, state: KfacState, damping_now: jax.Array) -> jax.Array:
@@ -206,6 +218,9 @@ def kfac(
     first_stats = jnp.array(False)
     if stats is not None:
       _check_stats(stats, state)
+      if axis_name is not None:
+        with jax.named_scope('kfax/all_reduce_stats'):
+          stats = _distributed.mean_statistics(stats, axis_name, comm_dtype)
       with jax.named_scope('kfax/factors'):
         before = state.stats_count
         state = absorb(state, stats)

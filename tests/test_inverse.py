@@ -37,21 +37,23 @@ def test_private_formulas_in_float64(x64, damping):
   rng = np.random.default_rng(0)
   a, g = _spd(rng, 5, 3.0), _spd(rng, 4, 0.01)
   x = rng.normal(size=(5, 4))
-  vals, vecs = _inverse.eigendecompose({'a': jnp.asarray(a), 'g': jnp.asarray(g)})
-  out = _inverse.precondition_eigen(jnp.asarray(x), vecs['a'], vals['a'], vecs['g'], vals['g'],
-                                    damping)
+  eig = _inverse.eigendecompose({'a': jnp.asarray(a), 'g': jnp.asarray(g)})
+  out = _inverse.precondition_eigen(jnp.asarray(x), eig['a'][1], eig['a'][0], eig['g'][1],
+                                    eig['g'][0], damping)
   assert_close(out, _eigen_reference(a, g, x, damping), rtol=1e-9, atol=1e-12)
-  a_inv, g_inv = _inverse.factored_inverses({'l': jnp.asarray(a)}, {'l': jnp.asarray(g)}, damping)
-  out = _inverse.precondition_factored(jnp.asarray(x), a_inv['l'], g_inv['l'])
+  a_damped, g_damped = _inverse.factored_damping(jnp.asarray(a), jnp.asarray(g), damping)
+  inv = _inverse.invert({'a': a_damped, 'g': g_damped})
+  out = _inverse.precondition_factored(jnp.asarray(x), inv['a'][0], inv['g'][0])
   assert_close(out, _factored_reference(a, g, x, damping), rtol=1e-9, atol=1e-12)
 
 
 def test_equal_size_factors_are_decomposed_together_and_correctly(x64):
   rng = np.random.default_rng(1)
   mats = {k: _spd(rng, 3) for k in 'abc'} | {'d': _spd(rng, 4)}
-  vals, vecs = _inverse.eigendecompose({k: jnp.asarray(m) for k, m in mats.items()})
+  eig = _inverse.eigendecompose({k: jnp.asarray(m) for k, m in mats.items()})
   for k, m in mats.items():
-    assert_close(vecs[k] @ jnp.diag(vals[k]) @ vecs[k].T, m, rtol=1e-9, atol=1e-12)
+    vals, vecs = eig[k]
+    assert_close(vecs @ jnp.diag(vals) @ vecs.T, m, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize('mode', ['eigen', 'factored'])

@@ -187,9 +187,9 @@ def test_bad_configuration_raises_at_construction(kwargs, match):
     kfax.kfac(**kwargs)
 
 
-def test_axis_name_is_not_available_yet():
-  with pytest.raises(NotImplementedError, match="`axis_name='batch'`.*pass axis_name=None"):
-    kfax.kfac(axis_name='batch')
+def test_bad_comm_dtype_raises():
+  with pytest.raises(ValueError, match=r'`comm_dtype` must be float32, bfloat16 or float16, got int8'):
+    kfax.kfac(axis_name='batch', comm_dtype='int8')
 
 
 def test_mismatched_trees_and_statistics_raise():
