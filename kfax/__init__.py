@@ -1,5 +1,6 @@
 """kfax: K-FAC for JAX, as an optax gradient transformation for Flax models."""
 
+from kfax._accumulate import accumulate as accumulate
 from kfax._capture import value_grad_and_stats as value_grad_and_stats
 from kfax._losses import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from kfax._losses import softmax_cross_entropy as softmax_cross_entropy
@@ -12,6 +13,7 @@ __version__ = '0.1.0'
 
 __all__ = (
     'KfacState',
+    'accumulate',
     'kfac',
     'sigmoid_binary_cross_entropy',
     'softmax_cross_entropy',
