@@ -210,6 +210,10 @@ def test_each_device_decomposes_only_its_share():
   owned = _distributed.assign({k: float(m.shape[0]) ** 3 for k, m in work.items()}, DEVICES)
   assert per_device == [len(keys) for keys in owned]
   assert sum(per_device) == len(work)  # every factor decomposed once in all, not once per device
+  # Refresh traffic: one all-reduce of every eigendecomposition, Σ (n² + n) float32 numbers.
+  psums = _equations(jaxpr, 'psum')
+  sent = sum(int(np.prod(v.aval.shape)) for e in psums for v in e.invars)
+  assert sent == sum(m.shape[0] ** 2 + m.shape[0] for m in work.values())
 
 
 def test_accumulated_micro_batches_equal_one_batch():

@@ -207,3 +207,11 @@ def test_mismatched_trees_and_statistics_raise():
     tx.update(other, state, stats=None)
   with pytest.raises(ValueError, match=r"the updates lack the layers \['Dense_0'\]"):
     tx.update({'Conv_0': grads['Conv_0']}, state, stats=None)
+
+
+def test_docstring_examples_run():
+  import doctest
+
+  from kfax import _transform
+  result = doctest.testmod(_transform, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0
