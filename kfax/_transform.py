@@ -46,11 +46,11 @@ def _at(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
 
 
 def kfac(
-    damping: optax.ScalarOrSchedule = 1e-3,
+    damping: optax.ScalarOrSchedule = 1e-4,
     ema_decay: optax.ScalarOrSchedule = 0.95,
     inverse_every: int = 10,
-    damping_mode: str = 'eigen',
-    norm_constraint: float | None = None,
+    damping_mode: str = 'factored',
+    norm_constraint: float | None = 1e-3,
     axis_name: str | tuple[str, ...] | None = None,
     comm_dtype: str = 'float32',
 ) -> optax.GradientTransformationExtraArgs:
@@ -82,15 +82,23 @@ def kfac(
     damping_mode: `"eigen"` (exact damping of the Kronecker product; applies the current λ every
       step) or `"factored"` (π-corrected Tikhonov damping of each factor, as in chainerkfac and
       Martens & Grosse 2015; λ is frozen into the inverses at each refresh).
-    norm_constraint: if set, scales every update by `min(1, sqrt(c / vᵀg))`, where `vᵀg` is the
-      squared Fisher norm of the preconditioned gradient `v` (Ba et al., 2017, §5). It does not
-      see the learning rate: pass `c / learning_rate**2` for a KL bound.
+    norm_constraint: if not None, scales the preconditioned layers' updates by
+      `min(1, sqrt(c / vᵀg))`, where `vᵀg` is the squared Fisher norm of their preconditioned
+      gradient `v` (Ba et al., 2017, §5). It does not see the learning rate: the KL of a step is
+      about `learning_rate**2 * c`.
     axis_name: the device axis of `jax.pmap` / `jax.shard_map` to average statistics over and to
       split refreshes across; None under plain `jit` (also with a batch-sharded input: XLA's
       partitioner then computes the global statistics itself). Gradients are the caller's to
       average, as with any optax transformation.
     comm_dtype: dtype name of the statistics all-reduce: 'float32', or 'bfloat16' to halve its
       bytes (a name, not `jnp.bfloat16`, so that `optax.inject_hyperparams` leaves it static).
+
+  The defaults are those with which a first, untuned try converged fastest on the digits MLP and
+  CNN (`examples/digits.py`; SGD momentum 0.9, lr 0.1, statistics every 5 steps): 52 and 40 steps
+  to 97% test accuracy (5 seeds), against 102 and 72 for Adam at its best learning rate, and
+  convergence at every learning rate tried (0.03 to 0.3). Without the norm constraint every
+  λ <= 0.1 diverged at lr >= 0.1 in both modes; with it, "factored" λ=1e-4 beat λ=1e-3 and 1e-5,
+  and "eigen" λ=1e-3 (60 and 60 steps) at about twice the cost per step.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update(updates, state, params=None, *,
@@ -233,15 +241,18 @@ def kfac(
     out = list(leaves)
     inner = jnp.zeros((), jnp.float32)
     with jax.named_scope('kfax/precondition'):
+      vs = {}
       for key, slots in layers.items():
         x = gradient_matrix(leaves, slots)
-        v = jnp.where(state.stats_count[key] > 0, precondition(x, key, state, damping_now), x)
+        ready = state.stats_count[key] > 0
+        vs[key] = jnp.where(ready, precondition(x, key, state, damping_now), x)
         if norm_constraint is not None:
-          inner = inner + jnp.vdot(v, x)
-        set_gradient_matrix(out, slots, v)
+          inner = inner + jnp.where(ready, jnp.vdot(vs[key], x), 0.0)
     if norm_constraint is not None:
       scale = jnp.minimum(1.0, jnp.sqrt(norm_constraint / jnp.maximum(inner, 1e-30)))
-      out = [(u * scale).astype(u.dtype) for u in out]
+      vs = {k: jnp.where(state.stats_count[k] > 0, v * scale, v) for k, v in vs.items()}
+    for key, slots in layers.items():
+      set_gradient_matrix(out, slots, vs[key])
     state = state._replace(count=optax.safe_increment(state.count))
     return jax.tree.unflatten(treedef, out), state
 

@@ -67,7 +67,7 @@ def test_kfac_update_equals_dense_formula(mode):
   grads = {'kernel': jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
            'bias': jnp.asarray(rng.normal(size=4), jnp.float32)}
   damping = 1e-2
-  tx = kfax.kfac(damping=damping, ema_decay=0.9, damping_mode=mode)
+  tx = kfax.kfac(damping=damping, ema_decay=0.9, damping_mode=mode, norm_constraint=None)
   updates, state = tx.update(grads, tx.init(params), stats=stats)
   x = np.concatenate([np.asarray(grads['kernel']), np.asarray(grads['bias'])[None]])
   reference = (_eigen_reference if mode == 'eigen' else _factored_reference)(a, g, x, damping)
@@ -85,7 +85,7 @@ def test_eigen_damping_follows_a_schedule_every_step():
   stats = {'': {'a_factor': jnp.asarray(a, jnp.float32), 'g_factor': jnp.asarray(g, jnp.float32)}}
   grads = jax.tree.map(jnp.ones_like, params)
   schedule = optax.piecewise_constant_schedule(1e-3, {1: 100.0})  # λ: 1e-3, then 0.1
-  tx = kfax.kfac(damping=schedule, inverse_every=100)
+  tx = kfax.kfac(damping=schedule, inverse_every=100, damping_mode='eigen', norm_constraint=None)
   state = tx.init(params)
   x = np.ones((4, 2))
   for damping in (1e-3, 0.1):  # step 2 has no refresh but uses the new λ

@@ -66,7 +66,7 @@ def test_jit_compiles_once_across_refresh_and_no_stats_steps(mode):
 
 def test_stats_none_keeps_factors_and_refresh_follows_the_period():
   params, loss_fn, x, y = _problem()
-  tx = kfax.kfac(inverse_every=4, ema_decay=0.5)
+  tx = kfax.kfac(inverse_every=4, ema_decay=0.5, damping_mode='eigen')
   state = tx.init(params)
   grad_fn = kfax.value_grad_and_stats(loss_fn)
   _, grads, stats = grad_fn(params, x, y)
@@ -122,7 +122,8 @@ def test_a_failing_refresh_keeps_the_last_good_inverse():
 
 def test_inject_hyperparams_and_state_stable_under_lax_cond():
   params, loss_fn, x, y = _problem()
-  tx = optax.inject_hyperparams(kfax.kfac)(damping=1e-3, ema_decay=0.9, inverse_every=2)
+  tx = optax.inject_hyperparams(kfax.kfac)(damping=1e-3, ema_decay=0.9, inverse_every=2,
+                                          damping_mode='eigen', norm_constraint=None)
   state = tx.init(params)
   _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
 
@@ -144,7 +145,7 @@ def test_inject_hyperparams_and_state_stable_under_lax_cond():
 def test_norm_constraint_bounds_the_fisher_norm():
   params, loss_fn, x, y = _problem()
   _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
-  free = kfax.kfac(damping=1e-3)
+  free = kfax.kfac(damping=1e-3, norm_constraint=None)
   v, _ = free.update(grads, free.init(params), stats=stats)
   fisher_norm = float(optax.tree.vdot(v, grads))
   bounded = kfax.kfac(damping=1e-3, norm_constraint=fisher_norm / 4)
@@ -215,3 +216,13 @@ def test_docstring_examples_run():
   from kfax import _transform
   result = doctest.testmod(_transform, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
+
+
+def test_inject_hyperparams_with_the_defaults():
+  params, loss_fn, x, y = _problem()
+  tx = optax.chain(optax.inject_hyperparams(kfax.kfac)(), optax.sgd(0.1))
+  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
+  updates, state = jax.jit(lambda s: tx.update(grads, s, params, stats=stats))(tx.init(params))
+  assert float(state[0].hyperparams['norm_constraint']) == pytest.approx(1e-3)
+  # The default norm constraint holds: vᵀg <= c for the preconditioned layers (all, here).
+  assert float(optax.tree.vdot(updates, grads)) / 0.1 <= 1e-3 * (1 + 1e-4)

@@ -1,0 +1,297 @@
+"""K-FAC vs SGD with momentum vs Adam on scikit-learn's digits (8x8 images, 10 classes).
+
+Trains a small MLP and a small CNN with each optimizer and prints, for each, the steps and the
+wall-clock seconds it takes to reach a target test accuracy, and the final test accuracy. Every
+step function is jit-compiled, and compiled before the clock starts; the clock counts training
+steps only (evaluation, every `--eval_every` steps, is not timed).
+
+K-FAC computes its curvature statistics every `--stats_every` steps: those steps run a jitted
+function that calls `kfax.value_grad_and_stats` and passes `stats=` to the optimizer; the others
+run a jitted plain `jax.value_and_grad` step with `stats=None`. Each compiles once.
+
+Run (CPU is fine, well under two minutes):
+
+    python examples/digits.py
+    python examples/digits.py --models mlp --damping_mode eigen --damping 1e-3 --json out.json
+
+Needs scikit-learn (`pip install -e .[examples]`); the data set ships with it, no download. On a
+small, busy CPU machine, `OPENBLAS_NUM_THREADS=1` keeps the LAPACK calls behind K-FAC's
+eigendecompositions / inverses from stalling, which otherwise skews the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+import kfax
+
+Data = dict[str, np.ndarray]
+
+# Defaults measured on this problem (MLP and CNN, 5 seeds; steps to 97% test accuracy): with a
+# norm constraint (KL clipping) the lightly damped, "factored" K-FAC converges at every learning
+# rate tried (0.03-0.3) and needs ~52 (MLP) / ~40 (CNN) steps, against ~102 / ~72 for Adam at its
+# best learning rate. Without the constraint, K-FAC needs damping >= 0.3 (or a learning rate
+# <= 0.03) not to diverge, and is then only about as fast as Adam.
+KFAC_DEFAULTS = dict(
+    learning_rate=0.1,
+    damping=1e-4,
+    damping_mode='factored',
+    norm_constraint=1e-3,
+    ema_decay=0.95,
+    inverse_every=10,
+    stats_every=5,
+    fisher='mc',
+)
+SGD_LEARNING_RATE = 0.3  # best of {0.03, 0.1, 0.3}
+ADAM_LEARNING_RATE = 1e-2  # best of {1e-3, 3e-3, 1e-2, 3e-2}
+
+
+def load_data(split_seed: int = 0, test_size: int = 360) -> Data:
+  """Digits as (N, 8, 8, 1) float32 images in [0, 1] and int32 labels, split stratified."""
+  digits = load_digits()
+  images = (digits.images / 16.0).astype(np.float32)[..., None]
+  labels = digits.target.astype(np.int32)
+  x_train, x_test, y_train, y_test = train_test_split(
+      images, labels, test_size=test_size, stratify=labels, random_state=split_seed)
+  return {'x_train': x_train, 'y_train': y_train, 'x_test': x_test, 'y_test': y_test}
+
+
+class MLP(nn.Module):
+  """64 -> 128 -> 128 -> 10, ReLU."""
+
+  hidden: int = 128
+  classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(self.hidden)(x))
+    x = nn.relu(nn.Dense(self.hidden)(x))
+    return nn.Dense(self.classes)(x)
+
+
+class CNN(nn.Module):
+  """Conv 3x3 16 -> ReLU -> Conv 3x3 32 stride 2 -> ReLU -> Dense 10."""
+
+  classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.relu(nn.Conv(16, (3, 3))(x))
+    x = nn.relu(nn.Conv(32, (3, 3), strides=2)(x))
+    return nn.Dense(self.classes)(x.reshape((x.shape[0], -1)))
+
+
+MODELS: dict[str, type[nn.Module]] = {'mlp': MLP, 'cnn': CNN}
+
+
+def kfac_optimizer(
+    learning_rate: float = KFAC_DEFAULTS['learning_rate'],
+    *,
+    damping: float = KFAC_DEFAULTS['damping'],
+    damping_mode: str = KFAC_DEFAULTS['damping_mode'],
+    norm_constraint: float | None = KFAC_DEFAULTS['norm_constraint'],
+    ema_decay: float = KFAC_DEFAULTS['ema_decay'],
+    inverse_every: int = KFAC_DEFAULTS['inverse_every'],
+) -> optax.GradientTransformationExtraArgs:
+  """K-FAC preconditioning followed by SGD with momentum 0.9."""
+  return optax.chain(
+      kfax.kfac(damping=damping, ema_decay=ema_decay, inverse_every=inverse_every,
+                damping_mode=damping_mode, norm_constraint=norm_constraint),
+      optax.sgd(learning_rate, momentum=0.9),
+  )
+
+
+def make_steps(
+    model: nn.Module, tx: optax.GradientTransformation, fisher: str
+) -> tuple[jax.stages.Wrapped, jax.stages.Wrapped, jax.stages.Wrapped]:
+  """Jitted (step with K-FAC statistics, plain step, test accuracy) for `model` and `tx`."""
+
+  def loss_fn(params: optax.Params, x: jax.Array, y: jax.Array) -> jax.Array:
+    return kfax.softmax_cross_entropy(model.apply({'params': params}, x), y)
+
+  grad_fn = kfax.value_grad_and_stats(loss_fn, fisher=fisher)
+
+  @jax.jit
+  def stats_step(params, opt_state, x, y, key):
+    loss, grads, stats = grad_fn(params, x, y, rng=key)
+    updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  @jax.jit
+  def plain_step(params, opt_state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  @jax.jit
+  def accuracy(params, x, y):
+    return jnp.mean(jnp.argmax(model.apply({'params': params}, x), axis=-1) == y)
+
+  return stats_step, plain_step, accuracy
+
+
+def batch_indices(n: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
+  """(steps, batch_size) example indices: one fresh permutation per epoch, partial batch dropped."""
+  rng = np.random.default_rng(seed)
+  per_epoch = n // batch_size
+  epochs = -(-steps // per_epoch)
+  order = [rng.permutation(n)[:per_epoch * batch_size] for _ in range(epochs)]
+  return np.concatenate(order).reshape(-1, batch_size)[:steps]
+
+
+def train(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    data: Data,
+    *,
+    steps: int,
+    seed: int = 0,
+    stats_every: int | None = None,
+    fisher: str = 'mc',
+    target: float = 0.97,
+    eval_every: int = 10,
+    batch_size: int = 128,
+    stop_at_target: bool = False,
+) -> dict:
+  """Trains `model` with `tx` for `steps` minibatch steps, evaluating every `eval_every`.
+
+  With `stats_every` set, `tx` must be K-FAC-based: every `stats_every`-th step (the first
+  included) computes curvature statistics, the rest pass `stats=None`. Training stops early
+  when the loss is no longer finite, or at the target with `stop_at_target`. Returns
+  `steps_to_target` and `seconds_to_target` (None if the target test accuracy was never
+  reached), `final_accuracy`, `diverged`, `steps` run and the accuracy `history` as
+  (step, accuracy) pairs.
+  """
+  key = jax.random.key(seed)
+  init_key, stats_key = jax.random.split(key)
+  x_test, y_test = jnp.asarray(data['x_test']), jnp.asarray(data['y_test'])
+  params = model.init(init_key, x_test[:1])['params']
+  opt_state = tx.init(params)
+  stats_step, plain_step, accuracy = make_steps(model, tx, fisher)
+  plan = batch_indices(len(data['y_train']), max(steps, 2), batch_size, seed)
+
+  def step(i: int, params: optax.Params, opt_state: optax.OptState):
+    x, y = data['x_train'][plan[i]], data['y_train'][plan[i]]
+    if stats_every is not None and i % stats_every == 0:
+      return stats_step(params, opt_state, x, y, jax.random.fold_in(stats_key, i))
+    return plain_step(params, opt_state, x, y)
+
+  # Compile everything before the clock starts (the results are thrown away).
+  jax.block_until_ready([step(0, params, opt_state), step(1, params, opt_state),
+                         accuracy(params, x_test, y_test)])
+
+  history, elapsed, diverged = [], 0.0, False
+  steps_to_target = seconds_to_target = None
+  i = 0
+  while i < steps:
+    start = time.perf_counter()
+    for _ in range(min(eval_every, steps - i)):
+      params, opt_state, loss = step(i, params, opt_state)
+      i += 1
+    jax.block_until_ready(params)
+    elapsed += time.perf_counter() - start
+    acc = float(accuracy(params, x_test, y_test))
+    history.append((i, acc))
+    diverged = not np.isfinite(float(loss))
+    if diverged:
+      break
+    if steps_to_target is None and acc >= target:
+      steps_to_target, seconds_to_target = i, elapsed
+      if stop_at_target:
+        break
+  return {
+      'steps_to_target': steps_to_target,
+      'seconds_to_target': seconds_to_target,
+      'final_accuracy': history[-1][1],
+      'diverged': diverged,
+      'steps': i,
+      'history': history,
+  }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--steps', type=int, default=500, help='training steps per run')
+  p.add_argument('--target', type=float, default=0.97, help='target test accuracy')
+  p.add_argument('--eval_every', type=int, default=10, help='steps between evaluations')
+  p.add_argument('--stats_every', type=int, default=KFAC_DEFAULTS['stats_every'],
+                 help='steps between K-FAC statistics')
+  p.add_argument('--inverse_every', type=int, default=KFAC_DEFAULTS['inverse_every'],
+                 help='updates between K-FAC eigendecompositions / inverses')
+  p.add_argument('--damping', type=float, default=KFAC_DEFAULTS['damping'])
+  p.add_argument('--damping_mode', choices=('eigen', 'factored'),
+                 default=KFAC_DEFAULTS['damping_mode'])
+  p.add_argument('--norm_constraint', type=float, default=KFAC_DEFAULTS['norm_constraint'],
+                 help='K-FAC update norm bound (KL clipping); 0 turns it off')
+  p.add_argument('--ema_decay', type=float, default=KFAC_DEFAULTS['ema_decay'])
+  p.add_argument('--fisher', choices=('mc', 'empirical'), default=KFAC_DEFAULTS['fisher'])
+  p.add_argument('--kfac_lr', type=float, default=KFAC_DEFAULTS['learning_rate'])
+  p.add_argument('--sgd_lr', type=float, default=SGD_LEARNING_RATE)
+  p.add_argument('--adam_lr', type=float, default=ADAM_LEARNING_RATE)
+  p.add_argument('--seed', type=int, default=0, help='init and shuffling seed')
+  p.add_argument('--models', default='mlp,cnn', help='comma-separated: mlp, cnn')
+  p.add_argument('--json', metavar='PATH', help='also write the results as JSON')
+  return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+  """Every requested model with K-FAC, SGD with momentum and Adam; one result row each."""
+  data = load_data()
+  optimizers = {
+      'kfac': (args.kfac_lr, kfac_optimizer(
+          args.kfac_lr, damping=args.damping, damping_mode=args.damping_mode,
+          norm_constraint=args.norm_constraint or None, ema_decay=args.ema_decay,
+          inverse_every=args.inverse_every)),
+      'sgd': (args.sgd_lr, optax.sgd(args.sgd_lr, momentum=0.9)),
+      'adam': (args.adam_lr, optax.adam(args.adam_lr)),
+  }
+  rows = []
+  for name in args.models.split(','):
+    model = MODELS[name.strip()]()
+    for opt, (lr, tx) in optimizers.items():
+      result = train(model, tx, data, steps=args.steps, seed=args.seed, target=args.target,
+                     eval_every=args.eval_every, fisher=args.fisher,
+                     stats_every=args.stats_every if opt == 'kfac' else None)
+      rows.append({'model': name.strip(), 'optimizer': opt, 'learning_rate': lr, **result})
+  return rows
+
+
+def print_table(rows: list[dict], target: float) -> None:
+  print(f'{"model":<6}{"optimizer":<11}{"lr":>8}{f"steps to {target:.0%}":>15}'
+        f'{"seconds":>10}{"final acc":>11}')
+  for r in rows:
+    reached = r['steps_to_target'] is not None
+    steps = str(r['steps_to_target']) if reached else f'>{r["steps"]}'
+    if r['diverged']:
+      steps = f'diverged@{r["steps"]}'
+    seconds = f'{r["seconds_to_target"]:.2f}' if reached else '-'
+    print(f'{r["model"]:<6}{r["optimizer"]:<11}{r["learning_rate"]:>8g}{steps:>15}'
+          f'{seconds:>10}{r["final_accuracy"]:>11.4f}')
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+  print(f'jax {jax.__version__} on {jax.devices()[0].platform}; K-FAC: damping={args.damping}'
+        f' ({args.damping_mode}), norm_constraint={args.norm_constraint or None},'
+        f' ema_decay={args.ema_decay}, inverse_every={args.inverse_every},'
+        f' stats_every={args.stats_every}, fisher={args.fisher}')
+  rows = run(args)
+  print_table(rows, args.target)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'args': vars(args), 'results': rows}, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()
