@@ -25,7 +25,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 FactorFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
