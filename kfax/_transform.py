@@ -147,10 +147,10 @@ def kfac(
     a_dims = {k: s.dims[0] for k, s in layers.items()}
     g_dims = {k: s.dims[1] for k, s in layers.items()}
     each = lambda fn, dims: {k: fn(d) for k, d in dims.items()}
-    zero = jnp.zeros((), jnp.int32)
+    zero = lambda: jnp.zeros((), jnp.int32)  # one buffer per leaf, so the state can be donated
     return KfacState(
-        count=zero,
-        stats_count={k: zero for k in layers},
+        count=zero(),
+        stats_count={k: zero() for k in layers},
         a_factor=each(eye, a_dims),
         g_factor=each(eye, g_dims),
         a_eigvals=each(ones, a_dims) if eigen else {},
@@ -159,8 +159,8 @@ def kfac(
         g_eigvecs=each(eye, g_dims) if eigen else {},
         a_inverse={} if eigen else each(eye, a_dims),
         g_inverse={} if eigen else each(eye, g_dims),
-        skipped_stats=zero,
-        failed_refreshes=zero,
+        skipped_stats=zero(),
+        failed_refreshes=zero(),
     )
 
   def absorb(state: KfacState, stats: Stats) -> KfacState:

@@ -226,3 +226,13 @@ def test_inject_hyperparams_with_the_defaults():
   assert float(state[0].hyperparams['norm_constraint']) == pytest.approx(1e-3)
   # The default norm constraint holds: vᵀg <= c for the preconditioned layers (all, here).
   assert float(optax.tree.vdot(updates, grads)) / 0.1 <= 1e-3 * (1 + 1e-4)
+
+
+def test_state_can_be_donated():
+  """Every state leaf is its own buffer: a jit that donates the state runs (no shared zeros)."""
+  params, loss_fn, x, y = _problem()
+  tx = optax.chain(kfax.kfac(), optax.sgd(0.1))
+  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
+  step = jax.jit(lambda s: tx.update(grads, s, params, stats=stats)[1], donate_argnums=0)
+  state = step(step(tx.init(params)))
+  assert int(state[0].count) == 2
