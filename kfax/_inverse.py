@@ -8,7 +8,7 @@ the Fisher block is `A ⊗ G` acting as `X -> A X G`. The two damping modes are:
 - "factored": Tikhonov damping split with the trace-norm π (Martens & Grosse, 2015, §6.3):
   `(A + π√λ I)⁻¹ X (G + √λ/π I)⁻¹`, `π = sqrt((tr A / d_in) / (tr G / d_out))`.
 
-Factors of equal size are decomposed together in one batched call.
+Factors of equal size are decomposed together in one batched call (one by one on CPU).
 """
 
 from __future__ import annotations
@@ -23,8 +23,22 @@ Factors = dict[str, jax.Array]
 Decomposition = tuple[jax.Array, ...]
 
 
+def _one_call_per_matrix() -> bool:
+  """Whether to decompose matrices one by one instead of in batches of equal size.
+
+  On CPU, JAX's LAPACK kernels split a batch over XLA's intra-op thread pool and block until it
+  finishes; two such batched calls running at once can then deadlock a small pool (seen with
+  jax 0.10.2 on 2 cores: both pool threads waiting in the kernels' batch map). Unbatched calls
+  do not split. Accelerators keep the batched kernels, which are much faster for many small
+  matrices.
+  """
+  return jax.default_backend() == 'cpu'
+
+
 def _batched(fn: Callable, mats: dict[Any, jax.Array]) -> dict[Any, Decomposition]:
   """Applies a batched `fn(stack) -> tuple of stacks` to each equal-shape group of `mats`."""
+  if _one_call_per_matrix():
+    return {k: tuple(fn(m)) for k, m in mats.items()}
   groups: dict[tuple[int, ...], list[Any]] = {}
   for key, m in mats.items():
     groups.setdefault(m.shape, []).append(key)

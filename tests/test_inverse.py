@@ -47,13 +47,18 @@ def test_private_formulas_in_float64(x64, damping):
   assert_close(out, _factored_reference(a, g, x, damping), rtol=1e-9, atol=1e-12)
 
 
-def test_equal_size_factors_are_decomposed_together_and_correctly(x64):
+@pytest.mark.parametrize('one_by_one', [True, False])
+def test_equal_size_factors_are_decomposed_together_and_correctly(x64, monkeypatch, one_by_one):
+  monkeypatch.setattr(_inverse, '_one_call_per_matrix', lambda: one_by_one)
   rng = np.random.default_rng(1)
   mats = {k: _spd(rng, 3) for k in 'abc'} | {'d': _spd(rng, 4)}
   eig = _inverse.eigendecompose({k: jnp.asarray(m) for k, m in mats.items()})
   for k, m in mats.items():
     vals, vecs = eig[k]
     assert_close(vecs @ jnp.diag(vals) @ vecs.T, m, rtol=1e-9, atol=1e-12)
+  inv = _inverse.invert({k: jnp.asarray(m) for k, m in mats.items()})
+  for k, m in mats.items():
+    assert_close(inv[k][0] @ m, np.eye(m.shape[0]), rtol=1e-8, atol=1e-9)
 
 
 @pytest.mark.parametrize('mode', ['eigen', 'factored'])
