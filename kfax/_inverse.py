@@ -26,11 +26,11 @@ Decomposition = tuple[jax.Array, ...]
 def _one_call_per_matrix() -> bool:
   """Whether to decompose matrices one by one instead of in batches of equal size.
 
-  On CPU, JAX's LAPACK kernels split a batch over XLA's intra-op thread pool and block until it
-  finishes; two such batched calls running at once can then deadlock a small pool (seen with
-  jax 0.10.2 on 2 cores: both pool threads waiting in the kernels' batch map). Unbatched calls
-  do not split. Accelerators keep the batched kernels, which are much faster for many small
-  matrices.
+  On CPU, JAX's LAPACK kernels hand work to XLA's intra-op thread pool and block until it
+  finishes; two such calls running at once can deadlock a small pool (seen with jax 0.10.2 on
+  2 cores: both pool threads waiting in the kernels' batch map). There the matrices are
+  decomposed one after another, each call ordered after the previous one's result. Accelerators
+  keep the batched kernels, which are much faster for many small matrices.
   """
   return jax.default_backend() == 'cpu'
 
@@ -38,7 +38,11 @@ def _one_call_per_matrix() -> bool:
 def _batched(fn: Callable, mats: dict[Any, jax.Array]) -> dict[Any, Decomposition]:
   """Applies a batched `fn(stack) -> tuple of stacks` to each equal-shape group of `mats`."""
   if _one_call_per_matrix():
-    return {k: tuple(fn(m)) for k, m in mats.items()}
+    results, previous = {}, ()
+    for key, m in mats.items():
+      previous, m = jax.lax.optimization_barrier((previous, m))  # one LAPACK call at a time
+      results[key] = previous = tuple(fn(m))
+    return results
   groups: dict[tuple[int, ...], list[Any]] = {}
   for key, m in mats.items():
     groups.setdefault(m.shape, []).append(key)

@@ -1,0 +1,579 @@
+"""Time per training step of SGD, Adam, kfax and (optionally) kfac-jax, plus state memory.
+
+For each model (an MLP, a small CNN, a CIFAR-shape ResNet-18 and an ImageNet-shape ResNet-50,
+see `models.py`) and each optimizer, the jitted step is compiled ahead of time (not timed), run a
+few warm-up steps, then timed step by step (`jax.block_until_ready` after each); the median is
+reported. Batches are fixed random arrays, so data loading is not timed. Every method's step is
+the full training step: loss, gradients, optimizer update, `optax.apply_updates`, BatchNorm
+statistics, with the train state donated (as kfac-jax does; `--no_donate` turns it off).
+
+kfax is timed in three parts, from the compiled step functions of one `kfax.kfac` chained with
+`optax.sgd(momentum=0.9)`, on states whose update count does or does not trigger a refresh
+(`KfacState.count % inverse_every`):
+
+- plain: the step without statistics (`jax.value_and_grad`, `stats=None`), no refresh;
+- stats: the step with statistics (`kfax.value_grad_and_stats(fisher="mc")`), no refresh;
+- refresh: the plain step with a refresh minus the plain step.
+
+so that for statistics every `s` steps and a refresh every `i` updates the amortized step is
+`plain + (stats - plain) / s + refresh / i`. `--check_steps` also runs one real cycle of that
+schedule and reports its mean step, to check the formula. kfac-jax (`kfac_jax.Optimizer`, MC
+Fisher "fisher_gradients", fixed learning rate, momentum and damping, `curvature_ema=0.95`) is
+timed in the same three parts: curvature every step with inverses every 2 steps (odd steps:
+stats; even steps: stats + refresh), and curvature once (all later steps: plain). Both libraries
+are reported at the periods of the flags and at kfac-jax's matching setting (statistics every
+step, refresh every `--matched_inverse_every`). kfac-jax is skipped, with a message, when
+`import kfac_jax` fails; kfac-jax 0.0.8 needs jax <= 0.9.1 (see README.md).
+
+Also reported: optimizer state bytes (sum of the state leaves' nbytes), XLA's temporary buffer
+size of each compiled step, the peak device memory where the backend reports it (`n/a` on CPU),
+and the analytic cost model (`cost_model.py`): the predicted kfax/SGD ratio at equal FLOP rates.
+
+Run (about 4 minutes on 2 CPU cores without kfac-jax, 20 with it: its conv statistics take
+seconds per step on CPU, so its steps with curvature are few, `--kfac_jax_steps`; results in
+benchmarks/results/step_time.json):
+
+    python benchmarks/step_time.py
+    python benchmarks/step_time.py --models resnet18 --batch 64 --width 32 --steps 30
+    /tmp/bench-venv/bin/python benchmarks/step_time.py   # with kfac-jax, on jax 0.9.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import cost_model
+import kfax
+import models
+
+try:
+  import kfac_jax
+except Exception as error:  # noqa: BLE001 - any import failure means "skip kfac-jax"
+  kfac_jax = None
+  KFAC_JAX_ERROR = f'{type(error).__name__}: {error}'
+else:
+  KFAC_JAX_ERROR = ''
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+LEARNING_RATE = 1e-3  # small, so random-data steps stay finite; time does not depend on it
+MOMENTUM = 0.9
+TrainState = tuple[Any, Any, Any]  # (params, batch_stats, opt_state)
+
+
+@dataclasses.dataclass
+class Problem:
+  """A model with its initial variables and one fixed random batch."""
+
+  name: str
+  config: models.ModelConfig
+  model: nn.Module
+  params: Any
+  batch_stats: Any
+  x: jax.Array
+  y: jax.Array
+
+
+def make_problem(name: str, config: models.ModelConfig, seed: int = 0) -> Problem:
+  model, example = models.build(name, config)
+  params, batch_stats = models.init(model, example, seed)
+  kx, ky = jax.random.split(jax.random.key(seed + 1))
+  x = jax.random.normal(kx, (config.batch, *example), jnp.float32)
+  y = jax.random.randint(ky, (config.batch,), 0, config.classes)
+  return Problem(name, config, model, params, batch_stats, x, y)
+
+
+def copy_tree(tree: Any) -> Any:
+  """A fresh copy, one buffer per leaf (steps donate their train state).
+
+  `kfax.kfac().init` returns a state whose int32 counters share one buffer, which a donating
+  jit rejects ("Attempt to donate the same buffer twice"), so every state is copied first.
+  """
+  return jax.tree.map(jnp.copy, tree)
+
+
+# ----------------------------------------------------------------------------- step functions
+
+
+def make_loss(problem: Problem) -> Callable:
+  """loss(params, batch_stats, x, y) -> (mean loss, new batch_stats), via kfax's loss helper."""
+  model = problem.model
+
+  def loss_fn(params, batch_stats, x, y):
+    variables = {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
+    logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    return kfax.softmax_cross_entropy(logits, y), updates.get('batch_stats', batch_stats)
+
+  return loss_fn
+
+
+def plain_step_fn(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+  """The first-order step (also kfax's step without statistics)."""
+
+  def step(state: TrainState, x, y, key):
+    del key
+    params, batch_stats, opt_state = state
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch_stats, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+  return step
+
+
+def stats_step_fn(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+  """kfax's step with statistics (MC Fisher)."""
+  grad_fn = kfax.value_grad_and_stats(loss_fn, has_aux=True, fisher='mc')
+
+  def step(state: TrainState, x, y, key):
+    params, batch_stats, opt_state = state
+    (loss, batch_stats), grads, stats = grad_fn(params, batch_stats, x, y, rng=key)
+    updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+    return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+  return step
+
+
+def compile_step(step: Callable, state: TrainState, problem: Problem,
+                 donate: bool) -> tuple[Callable, dict]:
+  """AOT-compiled `step` (train state donated if `donate`), its compile seconds, FLOPs, temp bytes.
+
+  """
+  start = time.perf_counter()
+  lowered = jax.jit(step, donate_argnums=0 if donate else ()).lower(state, problem.x, problem.y, jax.random.key(0))
+  compiled = lowered.compile()
+  info = {'compile_s': time.perf_counter() - start, 'xla_flops': None, 'temp_bytes': None}
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    info['xla_flops'] = float(cost['flops']) if cost and cost.get('flops', -1) > 0 else None
+  except Exception:  # noqa: BLE001 - backend without cost analysis
+    pass
+  try:
+    info['temp_bytes'] = int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # noqa: BLE001 - backend without memory analysis
+    pass
+  return compiled, info
+
+
+# ------------------------------------------------------------------------------------- timing
+
+
+def time_steps(run: Callable[[Any, int], Any], state: Any, steps: int, warmup: int,
+               before: Callable[[Any, int], Any] | None = None) -> tuple[list[float], Any]:
+  """Seconds of each of `steps` calls `state = run(state, i)`, after `warmup` untimed calls.
+
+  `before(state, i)` (untimed) may edit the state before each call.
+  """
+  times = []
+  for i in range(warmup + steps):
+    if before is not None:
+      state = jax.block_until_ready(before(state, i))
+    start = time.perf_counter()
+    state = jax.block_until_ready(run(state, i))
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  return times, state
+
+
+def median(times: list[float]) -> float:
+  return statistics.median(times) if times else float('nan')
+
+
+def state_bytes(tree: Any) -> int:
+  return int(sum(getattr(leaf, 'nbytes', 0) for leaf in jax.tree.leaves(tree)))
+
+
+def with_count(opt_state: Any, count: int) -> Any:
+  """The chained kfax state with its `KfacState.count` set (decides whether a refresh is due)."""
+  kfac_state = opt_state[0]
+  assert isinstance(kfac_state, kfax.KfacState)
+  return (kfac_state._replace(count=jnp.asarray(count, jnp.int32)), *opt_state[1:])
+
+
+def set_count(count: int) -> Callable[[TrainState, int], TrainState]:
+  return lambda state, i: (state[0], state[1], with_count(state[2], count))
+
+
+def amortized(parts: dict[str, float], stats_every: int, inverse_every: int) -> float:
+  """plain + (stats - plain) / stats_every + refresh / inverse_every."""
+  return (parts['plain'] + (parts['stats'] - parts['plain']) / stats_every
+          + parts['refresh'] / inverse_every)
+
+
+# ------------------------------------------------------------------------------------ methods
+
+
+def time_first_order(problem: Problem, tx: optax.GradientTransformation,
+                     args: argparse.Namespace) -> dict[str, Any]:
+  loss_fn = make_loss(problem)
+  state = (copy_tree(problem.params), copy_tree(problem.batch_stats), copy_tree(tx.init(problem.params)))
+  opt_bytes = state_bytes(state[2])
+  step, info = compile_step(plain_step_fn(loss_fn, tx), state, problem, args.donate)
+  key = jax.random.key(0)
+  times, _ = time_steps(lambda s, i: step(s, problem.x, problem.y, key)[0], state,
+                        args.steps, args.warmup)
+  return {'step_s': median(times), 'state_bytes': opt_bytes, 'compiled': {'step': info},
+          'times_s': times}
+
+
+def time_kfax(problem: Problem, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+  """kfax's plain / stats / refresh parts (and optionally one real schedule cycle)."""
+  if args.inverse_every < 2:
+    raise ValueError('--inverse_every must be >= 2 to time steps without a refresh')
+  tx = optax.chain(
+      kfax.kfac(damping=args.damping, ema_decay=0.95, inverse_every=args.inverse_every,
+                damping_mode=mode),
+      optax.sgd(LEARNING_RATE, momentum=MOMENTUM))
+  loss_fn = make_loss(problem)
+  state = (copy_tree(problem.params), copy_tree(problem.batch_stats), copy_tree(tx.init(problem.params)))
+  opt_bytes = state_bytes(state[2])
+  stats_step, stats_info = compile_step(stats_step_fn(loss_fn, tx), state, problem, args.donate)
+  plain_step, plain_info = compile_step(plain_step_fn(loss_fn, tx), state, problem, args.donate)
+  keys = jax.random.split(jax.random.key(1), args.warmup + max(args.steps, args.check_steps))
+  run_stats = lambda s, i: stats_step(s, problem.x, problem.y, keys[i])[0]
+  run_plain = lambda s, i: plain_step(s, problem.x, problem.y, keys[i])[0]
+  # The first statistics (count 0) absorb and refresh; later steps with count 1 never refresh.
+  state = jax.block_until_ready(run_stats(state, 0))
+  t_stats, state = time_steps(run_stats, state, args.steps, args.warmup, set_count(1))
+  t_plain, state = time_steps(run_plain, state, args.steps, args.warmup, set_count(1))
+  t_refresh, state = time_steps(run_plain, state, args.steps, args.warmup, set_count(0))
+  parts = {'plain': median(t_plain), 'stats': median(t_stats)}
+  parts['refresh'] = median(t_refresh) - parts['plain']
+  result = {'parts_s': parts, 'state_bytes': opt_bytes,
+            'compiled': {'stats_step': stats_info, 'plain_step': plain_info},
+            'times_s': {'stats': t_stats, 'plain': t_plain, 'plain_refresh': t_refresh}}
+  if args.check_steps:
+    result['schedule_check'] = check_schedule(run_stats, run_plain, state, args)
+  return result
+
+
+def check_schedule(run_stats: Callable, run_plain: Callable, state: TrainState,
+                   args: argparse.Namespace) -> dict[str, Any]:
+  """Mean step over `--check_steps` real steps: stats when i % s == 0, refresh at count 0."""
+  state = jax.block_until_ready(with_count_state(state, 0))
+  run = lambda s, i: (run_stats if i % args.stats_every == 0 else run_plain)(s, i)
+  start = time.perf_counter()
+  for i in range(args.check_steps):
+    state = run(state, i)
+  jax.block_until_ready(state)
+  return {'steps': args.check_steps, 'stats_every': args.stats_every,
+          'inverse_every': args.inverse_every,
+          'mean_step_s': (time.perf_counter() - start) / args.check_steps}
+
+
+def with_count_state(state: TrainState, count: int) -> TrainState:
+  return (state[0], state[1], with_count(state[2], count))
+
+
+# ----------------------------------------------------------------------------------- kfac-jax
+
+
+def kfac_jax_loss(problem: Problem) -> tuple[Callable, bool]:
+  """kfac-jax's value_and_grad_func (loss registered inside) and whether it carries state."""
+  model, has_state = problem.model, bool(problem.batch_stats)
+
+  def logits_of(params, batch_stats, x):
+    variables = {'params': params, **({'batch_stats': batch_stats} if has_state else {})}
+    return model.apply(variables, x, train=True, mutable=['batch_stats'])
+
+  def loss_with_state(params, batch_stats, batch):
+    x, y = batch
+    logits, updates = logits_of(params, batch_stats, x)
+    kfac_jax.register_softmax_cross_entropy_loss(logits, y)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, updates['batch_stats']
+
+  def loss(params, batch):
+    x, y = batch
+    logits, _ = logits_of(params, None, x)
+    kfac_jax.register_softmax_cross_entropy_loss(logits, y)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  if has_state:
+    return jax.value_and_grad(loss_with_state, has_aux=True), True
+  return jax.value_and_grad(loss), False
+
+
+def kfac_jax_optimizer(problem: Problem, exact: bool, curvature_every: int, inverse_every: int,
+                       damping: float) -> tuple[Any, bool]:
+  value_and_grad, has_state = kfac_jax_loss(problem)
+  opt = kfac_jax.Optimizer(
+      value_and_grad_func=value_and_grad,
+      l2_reg=0.0,
+      value_func_has_aux=False,
+      value_func_has_state=has_state,
+      use_adaptive_learning_rate=False,
+      use_adaptive_momentum=False,
+      use_adaptive_damping=False,
+      learning_rate_schedule=optax.constant_schedule(LEARNING_RATE),
+      momentum_schedule=optax.constant_schedule(MOMENTUM),
+      damping_schedule=optax.constant_schedule(damping),
+      curvature_ema=0.95,
+      curvature_update_period=curvature_every,
+      inverse_update_period=inverse_every,
+      use_exact_inverses=exact,
+      num_burnin_steps=0,
+      multi_device=False,
+      estimation_mode='fisher_gradients',
+  )
+  return opt, has_state
+
+
+def run_kfac_jax(problem: Problem, exact: bool, curvature_every: int, inverse_every: int,
+                 args: argparse.Namespace, steps: int) -> tuple[list[float], int, float]:
+  """Per-step seconds of `steps` kfac-jax steps (step 0 included), state bytes, setup seconds."""
+  opt, has_state = kfac_jax_optimizer(problem, exact, curvature_every, inverse_every,
+                                      args.damping)
+  batch = (problem.x, problem.y)
+  start = time.perf_counter()
+  state = opt.init(copy_tree(problem.params), jax.random.key(0), batch,
+                   copy_tree(problem.batch_stats) if has_state else None)
+  setup = time.perf_counter() - start
+  opt_bytes = state_bytes(state)
+  params = copy_tree(problem.params)
+  func_state = copy_tree(problem.batch_stats) if has_state else None
+  keys = jax.random.split(jax.random.key(1), steps)
+  times = []
+  for i in range(steps):
+    start = time.perf_counter()
+    out = opt.step(params, state, keys[i], batch=batch, func_state=func_state,
+                   global_step_int=i)
+    if has_state:
+      params, state, func_state, _ = out
+    else:
+      params, state, _ = out
+    jax.block_until_ready((params, state, func_state))
+    times.append(time.perf_counter() - start)
+  return times, opt_bytes, setup
+
+
+def time_kfac_jax(problem: Problem, exact: bool, args: argparse.Namespace) -> dict[str, Any]:
+  """kfac-jax's plain / stats / refresh parts: medians over `--kfac_jax_steps` steps with
+  curvature (its conv statistics take seconds per step on CPU) and `--steps` plain steps."""
+  big, warmup, steps = 10**9, args.kfac_jax_warmup, args.kfac_jax_steps
+  n = 2 * (warmup + steps) + 2
+  # Curvature every step, inverses every 2 steps: odd steps stats only, even ones + refresh.
+  every, opt_bytes, setup = run_kfac_jax(problem, exact, 1, 2, args, n)
+  odd, even = every[1::2][warmup:], every[2::2][warmup:]
+  # Curvature (and inverses) at step 0 only: the later steps are plain.
+  once, _, _ = run_kfac_jax(problem, exact, big, big, args, 1 + warmup + args.steps)
+  parts = {'plain': median(once[1 + warmup:]), 'stats': median(odd)}
+  parts['refresh'] = median(even) - parts['stats']
+  return {'parts_s': parts, 'state_bytes': opt_bytes, 'first_step_s': every[0] + once[0],
+          'init_s': setup, 'times_s': {'stats': odd, 'stats_refresh': even,
+                                       'plain': once[1 + warmup:]}}
+
+
+# ------------------------------------------------------------------------------------- driver
+
+
+def peak_memory() -> str | int:
+  stats = jax.devices()[0].memory_stats()
+  return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else 'n/a'
+
+
+def kfax_modes(args: argparse.Namespace) -> list[str]:
+  """The damping modes to time, with a warning where refreshes are known to hang."""
+  if jax.devices()[0].platform == 'cpu' and tuple(
+      int(v) for v in jax.__version__.split('.')[:2]) >= (0, 10):
+    log('warning: on jax >= 0.10 CPU (2 cores) a kfax refresh (batched eigh / Cholesky) can'
+        ' deadlock the intra-op thread pool (README.md); the jax 0.9.1 venv does not')
+  return args.damping_modes.split(',')
+
+
+def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+  config = cost_model.override(models.DEFAULTS[name], args)
+  problem = make_problem(name, config)
+  result: dict[str, Any] = {'config': dataclasses.asdict(config),
+                            'params': int(sum(p.size for p in jax.tree.leaves(problem.params)))}
+  log(f'{name}: {config}, {result["params"]:,} parameters')
+  result['sgd'] = time_first_order(problem, optax.sgd(LEARNING_RATE, momentum=MOMENTUM), args)
+  log(f'  sgd  {result["sgd"]["step_s"] * 1e3:.2f} ms')
+  result['adam'] = time_first_order(problem, optax.adam(LEARNING_RATE), args)
+  log(f'  adam {result["adam"]["step_s"] * 1e3:.2f} ms')
+  for mode in args.kfax_modes:
+    result[f'kfax_{mode}'] = time_kfax(problem, mode, args)
+    log(f'  kfax {mode}: ' + fmt_parts(result[f'kfax_{mode}']['parts_s']))
+  if kfac_jax is not None and not args.no_kfac_jax:
+    for mode in args.kfac_jax_modes.split(','):
+      try:
+        result[f'kfac_jax_{mode}'] = time_kfac_jax(problem, mode == 'eigen', args)
+        log(f'  kfac-jax {mode}: ' + fmt_parts(result[f'kfac_jax_{mode}']['parts_s']))
+      except Exception as error:  # noqa: BLE001 - report and go on with the other methods
+        result[f'kfac_jax_{mode}'] = {'error': f'{type(error).__name__}: {error}'[:2000]}
+        log(f'  kfac-jax {mode} failed: {result[f"kfac_jax_{mode}"]["error"][:300]}')
+  result['cost_model'] = cost_model.analyze(name, config)
+  result['peak_device_bytes'] = peak_memory()
+  result['load_average_1min'] = os.getloadavg()[0]  # other processes skew the times
+  return result
+
+
+def fmt_parts(parts: dict[str, float]) -> str:
+  return ', '.join(f'{k} {v * 1e3:.2f} ms' for k, v in parts.items())
+
+
+def log(message: str) -> None:
+  print(message, flush=True)
+
+
+def ratio_rows(name: str, result: dict[str, Any], args: argparse.Namespace) -> list[list[str]]:
+  """Table rows: every method's ms per step and its ratio to SGD's step in the same run."""
+  sgd = result['sgd']['step_s']
+  s, i, n = args.stats_every, args.inverse_every, args.matched_inverse_every
+  rows = [[name, 'sgd', f'{sgd * 1e3:.2f}', '1.00', '', '', '', ''],
+          [name, 'adam', f'{result["adam"]["step_s"] * 1e3:.2f}',
+           f'{result["adam"]["step_s"] / sgd:.2f}', '', '', '', '']]
+  for key in [k for k in result if k.startswith(('kfax_', 'kfac_jax_'))]:
+    if 'error' in result[key]:
+      rows.append([name, key, 'failed', '', '', '', '', ''])
+      continue
+    parts = result[key]['parts_s']
+    ours = amortized(parts, s, i)
+    matched = amortized(parts, 1, n)
+    mode = key.rsplit('_', 1)[1]
+    predicted = cost_model.predicted_ratio(result['cost_model']['totals'][mode], s, i)
+    check = result[key].get('schedule_check')
+    rows.append([name, key.replace('kfac_jax', 'kfac-jax'), f'{ours * 1e3:.2f}',
+                 f'{ours / sgd:.2f}', f'{matched / sgd:.2f}', f'{predicted:.2f}',
+                 f'{check["mean_step_s"] / sgd:.2f}' if check else '',
+                 ' / '.join(f'{parts[p] * 1e3:.1f}' for p in ('plain', 'stats', 'refresh'))])
+  return rows
+
+
+def print_table(rows: list[list[str]], args: argparse.Namespace) -> None:
+  s, i, n = args.stats_every, args.inverse_every, args.matched_inverse_every
+  header = ['model', 'method', f'ms/step (s={s},i={i})', 'x SGD', f'x SGD (s=1,i={n})',
+            'predicted x SGD', 'x SGD measured cycle', 'plain/stats/refresh ms']
+  widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+  line = lambda r: '| ' + ' | '.join(v.ljust(w) for v, w in zip(r, widths)) + ' |'
+  print(line(header))
+  print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+  for r in rows:
+    print(line(r))
+
+
+def library_rows(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
+  """kfac-jax / kfax amortized-step ratios at both period settings, per model and mode."""
+  lines = []
+  for name, result in results.items():
+    for mode in args.damping_modes.split(','):
+      ours, theirs = result.get(f'kfax_{mode}'), result.get(f'kfac_jax_{mode}')
+      if not ours or not theirs or 'error' in theirs:
+        continue
+      at = lambda s, i: amortized(theirs['parts_s'], s, i) / amortized(ours['parts_s'], s, i)
+      lines.append(f'| {name} | {mode} | {at(1, args.matched_inverse_every):.2f} |'
+                   f' {at(args.stats_every, args.inverse_every):.2f} |')
+  return lines
+
+
+def memory_rows(results: dict[str, Any]) -> list[str]:
+  lines = []
+  for name, result in results.items():
+    methods = [k for k in result if k in ('sgd', 'adam') or k.startswith(('kfax_', 'kfac_jax_'))]
+    cells = []
+    for key in methods:
+      if 'state_bytes' not in result[key]:
+        continue
+      temp = [c.get('temp_bytes') for c in result[key].get('compiled', {}).values()]
+      temp_s = f', XLA temp {max(temp) / 2**20:.1f}' if temp and None not in temp else ''
+      cells.append(f'{key} {result[key]["state_bytes"] / 2**20:.2f}{temp_s}')
+    lines.append(f'| {name} | {"; ".join(cells)} | {result["peak_device_bytes"]} |')
+  return lines
+
+
+def environment() -> dict[str, Any]:
+  try:
+    cpu = next(l.split(':', 1)[1].strip() for l in subprocess.run(
+        ['lscpu'], capture_output=True, text=True, check=False).stdout.splitlines()
+        if l.startswith('Model name'))
+  except StopIteration:
+    cpu = platform.processor()
+  device = jax.devices()[0]
+  return {
+      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'jax': jax.__version__, 'optax': optax.__version__, 'kfax': kfax.__version__,
+      'kfac_jax': getattr(kfac_jax, '__version__', None) if kfac_jax else None,
+      'kfac_jax_import_error': KFAC_JAX_ERROR or None,
+      'platform': device.platform, 'device_kind': device.device_kind, 'cpu': cpu,
+      'cpu_count': os.cpu_count(), 'python': platform.python_version(),
+  }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--models', default='mlp,cnn,resnet18,resnet50',
+                 help=f'comma-separated, from {",".join(models.DEFAULTS)}')
+  p.add_argument('--batch', type=int, help='override every model\'s batch size')
+  p.add_argument('--image_size', type=int, help='override every model\'s image size')
+  p.add_argument('--width', type=int, help='override every model\'s width')
+  p.add_argument('--steps', type=int, default=20, help='timed steps per measurement')
+  p.add_argument('--warmup', type=int, default=2, help='untimed steps before each measurement')
+  p.add_argument('--stats_every', type=int, default=10, help='kfax steps between statistics')
+  p.add_argument('--inverse_every', type=int, default=100, help='kfax updates between refreshes')
+  p.add_argument('--matched_inverse_every', type=int, default=5,
+                 help='refresh period of the matched comparison (statistics every step)')
+  p.add_argument('--damping', type=float, default=1e-3)
+  p.add_argument('--damping_modes', default='eigen,factored',
+                 help='kfax modes; kfac-jax runs use_exact_inverses for eigen')
+  p.add_argument('--check_steps', type=int, default=100,
+                 help='also time this many real scheduled kfax steps (0: skip)')
+  p.add_argument('--no_donate', dest='donate', action='store_false',
+                 help='do not donate the train state to the jitted steps (kfac-jax always does)')
+  p.add_argument('--kfac_jax_steps', type=int, default=3,
+                 help='timed kfac-jax steps with curvature, per part (plain steps: --steps)')
+  p.add_argument('--kfac_jax_warmup', type=int, default=1)
+  p.add_argument('--kfac_jax_modes', default='eigen,factored',
+                 help='kfac-jax modes (eigen = use_exact_inverses=True)')
+  p.add_argument('--no_kfac_jax', action='store_true', help='skip kfac-jax even if installed')
+  p.add_argument('--out', default=str(RESULTS / 'step_time.json'), help='JSON output path')
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+  env = environment()
+  log(f'jax {env["jax"]} on {env["device_kind"]} ({env["cpu"]}, {env["cpu_count"]} cores),'
+      f' {env["date"]}, load average {os.getloadavg()[0]:.2f}')
+  if kfac_jax is None:
+    log(f'kfac-jax skipped: import kfac_jax failed ({KFAC_JAX_ERROR})')
+  args.kfax_modes = kfax_modes(args)
+  start = time.perf_counter()
+  results = {name: bench_model(name, args) for name in args.models.split(',')}
+  env['load_average_end'] = os.getloadavg()[0]
+  env['wall_s'] = time.perf_counter() - start
+  print(f'\nStep time (median of {args.steps}); kfax and kfac-jax amortized as plain +'
+        f' (stats - plain)/s + refresh/i')
+  print_table([r for name, res in results.items() for r in ratio_rows(name, res, args)], args)
+  lines = library_rows(results, args)
+  if lines:
+    print(f'\n| model | mode | kfac-jax / kfax (s=1, i={args.matched_inverse_every}) |'
+          f' kfac-jax / kfax (s={args.stats_every}, i={args.inverse_every}) |\n|---|---|---|---|')
+    print('\n'.join(lines))
+  print('\n| model | optimizer state MiB (and XLA temp MiB of the step) | peak device bytes |'
+        '\n|---|---|---|')
+  print('\n'.join(memory_rows(results)))
+  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  with open(args.out, 'w') as f:
+    json.dump({'environment': env, 'settings': vars(args), 'results': results}, f, indent=1,
+              default=float)
+  log(f'\nwrote {args.out} ({env["wall_s"]:.0f} s)')
+
+
+if __name__ == '__main__':
+  main()
