@@ -54,6 +54,14 @@ def _train(step_fn, params, xs, ys, state):
   return params
 
 
+def _train_sharded(step, mesh, tx):
+  """`_train` on the batches sharded over the mesh's 'data' axis."""
+  params, xs, ys = _data()
+  batch = NamedSharding(mesh, P(None, 'data'))
+  return _train(step, params, jax.device_put(xs, batch), jax.device_put(ys, batch),
+                tx.init(params))
+
+
 def _step(tx, grad_and_stats, params, state, x, y, with_stats):
   grads, stats = grad_and_stats(params, x, y, with_stats)
   updates, state = tx.update(grads, state, params, stats=stats)
@@ -99,7 +107,6 @@ def test_pmap_matches_one_device():
 @pytest.mark.parametrize('check_vma', [True, False])
 @pytest.mark.parametrize('axis_type', [AxisType.Explicit, AxisType.Auto])
 def test_shard_map_matches_one_device(check_vma, axis_type):
-  params, xs, ys = _data()
   mesh = jax.make_mesh((DEVICES,), ('data',), axis_types=(axis_type,))
   tx = _tx('data')
 
@@ -114,22 +121,14 @@ def test_shard_map_matches_one_device(check_vma, axis_type):
     return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P('data'), P('data')),
                          out_specs=(P(), P()), check_vma=check_vma)(params, state, x, y)
 
-  step = jax.jit(step, static_argnums=4)
-  batch = NamedSharding(mesh, P(None, 'data'))
-  out = _train(step, params, jax.device_put(xs, batch), jax.device_put(ys, batch),
-               tx.init(params))
-  _assert_same(out)
+  _assert_same(_train_sharded(jax.jit(step, static_argnums=4), mesh, tx))
 
 
 def test_sharded_jit_matches_one_device():
-  params, xs, ys = _data()
   mesh = jax.make_mesh((DEVICES,), ('data',), axis_types=(AxisType.Auto,))
   tx = _tx()
   step = jax.jit(functools.partial(_step, tx, _local), static_argnums=4)
-  batch = NamedSharding(mesh, P(None, 'data'))
-  out = _train(step, params, jax.device_put(xs, batch), jax.device_put(ys, batch),
-               tx.init(params))
-  _assert_same(out)
+  _assert_same(_train_sharded(step, mesh, tx))
 
 
 def test_statistics_are_averaged_in_one_packed_all_reduce():
