@@ -8,6 +8,7 @@ from kfax._losses import squared_error as squared_error
 from kfax._summary import summary as summary
 from kfax._transform import KfacState as KfacState
 from kfax._transform import kfac as kfac
+from kfax._transform import partition_specs as partition_specs
 
 __version__ = '0.1.0'
 
@@ -15,6 +16,7 @@ __all__ = (
     'KfacState',
     'accumulate',
     'kfac',
+    'partition_specs',
     'sigmoid_binary_cross_entropy',
     'softmax_cross_entropy',
     'squared_error',

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 import warnings
 from collections.abc import Callable
@@ -10,12 +11,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
-from kfax import _distributed, _inverse
+from kfax import _distributed, _inverse, _sharded
 from kfax._capture import Stats
 from kfax._params import LayerSlots, find_layers, gradient_matrix, set_gradient_matrix
 
 DAMPING_MODES = ('eigen', 'factored')
+GATHERS = ('decompositions', 'gradients')
 
 
 class KfacState(NamedTuple):
@@ -31,8 +34,28 @@ class KfacState(NamedTuple):
   g_eigvecs: dict[str, jax.Array]  # (d_out, d_out) float32, "eigen" mode only.
   a_inverse: dict[str, jax.Array]  # (d_in, d_in) float32, damped, "factored" mode only.
   g_inverse: dict[str, jax.Array]  # (d_out, d_out) float32, damped, "factored" mode only.
+  shard: jax.Array | None  # gather="gradients" only: this device's share of the above, flat.
   skipped_stats: jax.Array  # shape=(), int32: steps whose non-finite stats were ignored.
   failed_refreshes: jax.Array  # shape=(), int32: refreshes that kept a last good decomposition.
+
+
+def partition_specs(opt_state: Any, axis_name: str | tuple[str, ...]) -> Any:
+  """`jax.shard_map` specs for an optimizer state that holds `kfac` states: `P(axis_name)` for
+  their per-device `shard` (see `kfac(gather="gradients")`), `P()` for every other leaf.
+
+  Only the tree structure matters, so `jax.eval_shape` of the state serves as well:
+
+    shapes = jax.eval_shape(jax.shard_map(
+        tx.init, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False), params)
+    specs = kfax.partition_specs(shapes, 'data')
+    state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs))(params)
+  """
+  def spec(node: Any) -> Any:
+    if isinstance(node, KfacState):
+      specs = jax.tree.map(lambda _: P(), node)
+      return specs if node.shard is None else specs._replace(shard=P(axis_name))
+    return P()
+  return jax.tree.map(spec, opt_state, is_leaf=lambda n: isinstance(n, KfacState))
 
 
 def _check(name: str, value: Any, ok: Callable[[Any], bool], fix: str) -> None:
@@ -53,6 +76,8 @@ def kfac(
     norm_constraint: float | None = 1e-3,
     axis_name: str | tuple[str, ...] | None = None,
     comm_dtype: str = 'float32',
+    gather: str = 'decompositions',
+    mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Precondition gradients with the damped Kronecker-factored Fisher (K-FAC).
 
@@ -92,6 +117,17 @@ def kfac(
       average, as with any optax transformation.
     comm_dtype: dtype name of the statistics all-reduce: 'float32', or 'bfloat16' to halve its
       bytes (a name, not `jnp.bfloat16`, so that `optax.inject_hyperparams` leaves it static).
+    gather: with `axis_name`, what devices exchange after each refreshed its share (KAISA's
+      choice). `"decompositions"`: all of them, once per refresh, and every device then
+      preconditions every layer locally (the least communication: none on steps without
+      statistics or refresh). `"gradients"`: each device keeps only its own layers' factors and
+      decompositions, in `state.shard` (curvature memory / devices), and every step the
+      preconditioned gradients are all-reduced (as many bytes as a gradient all-reduce). Its
+      state is device-varying: `init` must run inside the `pmap` / `shard_map`, and `shard_map`
+      specs come from `kfax.partition_specs`.
+    mesh: under plain `jit` with a batch sharded over `mesh`'s axis `axis_name`, splits each
+      refresh across that axis (an inner `shard_map`); XLA already computes global statistics.
+      None inside `pmap` / `shard_map`.
 
   The defaults are those with which a first, untuned try converged fastest on the digits MLP and
   CNN (`examples/digits.py`; SGD momentum 0.9, lr 0.1, statistics every 5 steps): 52 and 40 steps
@@ -138,60 +174,93 @@ def kfac(
   if comm_dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise ValueError(
         f'kfax.kfac: `comm_dtype` must be float32, bfloat16 or float16, got {comm_dtype}.')
+  if gather not in GATHERS:
+    raise ValueError(f'kfax.kfac: `gather` must be one of {GATHERS}, got {gather!r}.')
+  sharded = gather == 'gradients'
+  if (sharded or mesh is not None) and axis_name is None:
+    raise ValueError(
+        f'kfax.kfac: {"gather=" + repr(gather) if sharded else "`mesh`"} needs `axis_name`, the'
+        ' device axis to split the curvature across.')
+  if mesh is not None and axis_name not in mesh.axis_names:
+    raise ValueError(
+        f'kfax.kfac: `axis_name` {axis_name!r} is not an axis of `mesh` {mesh.axis_names}.')
+  if sharded and mesh is not None:
+    raise ValueError(
+        "kfax.kfac: gather='gradients' runs inside pmap / shard_map, not under plain jit with"
+        ' `mesh`; wrap the step in jax.shard_map, or use the default gather.')
   eigen = damping_mode == 'eigen'
+
+  def layout(layers: dict[str, LayerSlots]) -> _sharded.Layout:
+    try:
+      devices = jax.lax.psum(1, axis_name)
+    except NameError as e:
+      raise ValueError(
+          f"kfax.kfac(gather='gradients'): the axis {axis_name!r} is not bound; each device"
+          ' holds its own share of the state, so call init and update inside jax.pmap /'
+          ' jax.shard_map over that axis (see kfax.partition_specs).') from e
+    return _sharded.layout({k: s.dims for k, s in layers.items()}, devices, eigen)
 
   def init_fn(params: optax.Params) -> KfacState:
     layers = find_layers(params)
-    eye = lambda d: jnp.eye(d, dtype=jnp.float32)
-    ones = lambda d: jnp.ones((d,), jnp.float32)
-    a_dims = {k: s.dims[0] for k, s in layers.items()}
-    g_dims = {k: s.dims[1] for k, s in layers.items()}
-    each = lambda fn, dims: {k: fn(d) for k, d in dims.items()}
     zero = lambda: jnp.zeros((), jnp.int32)  # one buffer per leaf, so the state can be donated
-    return KfacState(
-        count=zero(),
-        stats_count={k: zero() for k in layers},
-        a_factor=each(eye, a_dims),
-        g_factor=each(eye, g_dims),
-        a_eigvals=each(ones, a_dims) if eigen else {},
-        a_eigvecs=each(eye, a_dims) if eigen else {},
-        g_eigvals=each(ones, g_dims) if eigen else {},
-        g_eigvecs=each(eye, g_dims) if eigen else {},
-        a_inverse={} if eigen else each(eye, a_dims),
-        g_inverse={} if eigen else each(eye, g_dims),
-        skipped_stats=zero(),
-        failed_refreshes=zero(),
-    )
+    state = KfacState(
+        count=zero(), stats_count={k: zero() for k in layers}, a_factor={}, g_factor={},
+        a_eigvals={}, a_eigvecs={}, g_eigvals={}, g_eigvecs={}, a_inverse={}, g_inverse={},
+        shard=None, skipped_stats=zero(), failed_refreshes=zero())
+    if sharded:  # never read before the first statistics replace the factors
+      return state._replace(shard=jnp.zeros((layout(layers).shard_size,), jnp.float32))
+    eye = lambda side: {k: jnp.eye(s.dims[side], dtype=jnp.float32) for k, s in layers.items()}
+    ones = lambda side: {k: jnp.ones((s.dims[side],), jnp.float32) for k, s in layers.items()}
+    state = state._replace(a_factor=eye(0), g_factor=eye(1))
+    if eigen:
+      return state._replace(a_eigvals=ones(0), a_eigvecs=eye(0), g_eigvals=ones(1),
+                            g_eigvecs=eye(1))
+    return state._replace(a_inverse=eye(0), g_inverse=eye(1))
 
-  def absorb(state: KfacState, stats: Stats) -> KfacState:
+  def absorb(state: KfacState, stats: Stats, shards: _sharded.Layout | None) -> KfacState:
     """EMA of the factors with this batch's statistics, unless they are non-finite."""
     decay = _at(ema_decay, state.count)
-    finite = _inverse.all_finite(stats)
-    a_factor, g_factor, stats_count = dict(state.a_factor), dict(state.g_factor), dict(
-        state.stats_count)
-    for key, new in stats.items():
-      w = jnp.where(state.stats_count[key] > 0, decay, 0.0)  # first statistics replace
-      for factors, name in ((a_factor, 'a_factor'), (g_factor, 'g_factor')):
-        old = factors[key]
-        ema = w * old + (1 - w) * new[name].astype(old.dtype)
-        factors[key] = jnp.where(finite, ema, old).astype(old.dtype)
-      stats_count[key] = stats_count[key] + finite.astype(jnp.int32)
-    return state._replace(
-        a_factor=a_factor, g_factor=g_factor, stats_count=stats_count,
-        skipped_stats=state.skipped_stats + (~finite).astype(jnp.int32))
+    weights = {k: jnp.where(state.stats_count[k] > 0, decay, 0.0) for k in stats}  # first replace
+    if shards is not None:
+      with jax.named_scope('kfax/reduce_scatter_stats'):
+        chunk, finite = _sharded.scatter_statistics(stats, shards, axis_name, comm_dtype)
+      state = state._replace(
+          shard=_sharded.absorb(state.shard, chunk, finite, weights, shards, axis_name))
+    else:
+      if axis_name is not None and mesh is None:
+        with jax.named_scope('kfax/all_reduce_stats'):
+          stats = _distributed.mean_statistics(stats, axis_name, comm_dtype)
+      finite = _inverse.all_finite(stats)
+      factors = {'a_factor': dict(state.a_factor), 'g_factor': dict(state.g_factor)}
+      for key, new in stats.items():
+        for name, side in factors.items():
+          old, w = side[key], weights[key]
+          side[key] = jnp.where(finite, w * old + (1 - w) * new[name].astype(old.dtype), old)
+      state = state._replace(**factors)
+    stats_count = {k: c + finite.astype(jnp.int32) if k in stats else c
+                   for k, c in state.stats_count.items()}
+    return state._replace(stats_count=stats_count,
+                          skipped_stats=state.skipped_stats + (~finite).astype(jnp.int32))
 
-  def refresh(state: KfacState, damping_now: jax.Array) -> KfacState:
+  def refresh(
+      state: KfacState, damping_now: jax.Array, shards: _sharded.Layout | None
+  ) -> KfacState:
     """New decompositions; a layer whose result is non-finite keeps its last good one."""
+    if shards is not None:
+      shard, failed = _sharded.refresh(state.shard, damping_now, shards, axis_name)
+      return state._replace(
+          shard=shard, failed_refreshes=state.failed_refreshes + failed.astype(jnp.int32))
     work = {}
     for key, a in state.a_factor.items():
       g = state.g_factor[key]
       work[('a', key)], work[('g', key)] = (
           (a, g) if eigen else _inverse.factored_damping(a, g, damping_now))
     decompose = _inverse.eigendecompose if eigen else _inverse.invert
-    if axis_name is None:
-      done = decompose(work)
+    split = lambda work: _distributed.split_work(decompose, work, axis_name)
+    if mesh is not None:  # plain jit: split across the mesh axis in an inner shard_map
+      done = jax.shard_map(split, mesh=mesh, in_specs=P(), out_specs=P())(work)
     else:
-      done = _distributed.split_work(decompose, work, axis_name)
+      done = decompose(work) if axis_name is None else split(work)
     names = (('eigvals', 'eigvecs') if eigen else ('inverse',))
     failed = jnp.array(False)
     new = {f'{side}_{name}': {} for side in 'ag' for name in names}
@@ -204,12 +273,18 @@ def kfac(
           new[field][key] = jnp.where(ok, value, getattr(state, field)[key])
     return state._replace(**new, failed_refreshes=state.failed_refreshes + failed.astype(jnp.int32))
 
-  def precondition(x: jax.Array, key: str, state: KfacState, damping_now: jax.Array) -> jax.Array:
+  def precondition(
+      grads: dict[str, jax.Array], state: KfacState, damping_now: jax.Array,
+      shards: _sharded.Layout | None,
+  ) -> dict[str, jax.Array]:
+    if shards is not None:
+      return _sharded.precondition(grads, state.shard, damping_now, shards, axis_name)
     if eigen:
-      return _inverse.precondition_eigen(
-          x, state.a_eigvecs[key], state.a_eigvals[key], state.g_eigvecs[key],
-          state.g_eigvals[key], damping_now)
-    return _inverse.precondition_factored(x, state.a_inverse[key], state.g_inverse[key])
+      return {k: _inverse.precondition_eigen(x, state.a_eigvecs[k], state.a_eigvals[k],
+                                             state.g_eigvecs[k], state.g_eigvals[k], damping_now)
+              for k, x in grads.items()}
+    return {k: _inverse.precondition_factored(x, state.a_inverse[k], state.g_inverse[k])
+            for k, x in grads.items()}
 
   def update_fn(
       updates: optax.Updates,
@@ -221,36 +296,33 @@ def kfac(
   ) -> tuple[optax.Updates, KfacState]:
     del params, extra_args
     layers = find_layers(updates)
-    _check_layers(layers, state)
+    shards = layout(layers) if sharded else None
+    _check_layers(layers, state, shards)
     damping_now = _at(damping, state.count)
     first_stats = jnp.array(False)
     if stats is not None:
-      _check_stats(stats, state)
-      if axis_name is not None:
-        with jax.named_scope('kfax/all_reduce_stats'):
-          stats = _distributed.mean_statistics(stats, axis_name, comm_dtype)
+      _check_stats(stats, layers)
       with jax.named_scope('kfax/factors'):
         before = state.stats_count
-        state = absorb(state, stats)
+        state = absorb(state, stats, shards)
         first_stats = jnp.any(jnp.stack(
             [(before[k] == 0) & (state.stats_count[k] > 0) for k in stats]))
     with jax.named_scope('kfax/refresh'):
       due = (state.count % inverse_every == 0) | first_stats
-      state = jax.lax.cond(due, refresh, lambda s, _: s, state, damping_now)
+      state = jax.lax.cond(due, functools.partial(refresh, shards=shards),
+                           lambda s, _: s, state, damping_now)
     leaves, treedef = jax.tree.flatten(updates)
-    out = list(leaves)
-    inner = jnp.zeros((), jnp.float32)
+    grads = {key: gradient_matrix(leaves, slots) for key, slots in layers.items()}
+    ready = {key: state.stats_count[key] > 0 for key in layers}
     with jax.named_scope('kfax/precondition'):
-      vs = {}
-      for key, slots in layers.items():
-        x = gradient_matrix(leaves, slots)
-        ready = state.stats_count[key] > 0
-        vs[key] = jnp.where(ready, precondition(x, key, state, damping_now), x)
-        if norm_constraint is not None:
-          inner = inner + jnp.where(ready, jnp.vdot(vs[key], x), 0.0)
+      vs = precondition(grads, state, damping_now, shards)
+      vs = {k: jnp.where(ready[k], vs[k], x) for k, x in grads.items()}
     if norm_constraint is not None:
+      inner = sum((jnp.where(ready[k], jnp.vdot(vs[k], x), 0.0) for k, x in grads.items()),
+                  jnp.zeros((), jnp.float32))
       scale = jnp.minimum(1.0, jnp.sqrt(norm_constraint / jnp.maximum(inner, 1e-30)))
-      vs = {k: jnp.where(state.stats_count[k] > 0, v * scale, v) for k, v in vs.items()}
+      vs = {k: jnp.where(ready[k], v * scale, v) for k, v in vs.items()}
+    out = list(leaves)
     for key, slots in layers.items():
       set_gradient_matrix(out, slots, vs[key])
     state = state._replace(count=optax.safe_increment(state.count))
@@ -259,38 +331,48 @@ def kfac(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_layers(layers: dict[str, LayerSlots], state: KfacState) -> None:
+def _check_layers(
+    layers: dict[str, LayerSlots], state: KfacState, shards: _sharded.Layout | None
+) -> None:
+  unknown = sorted(set(layers) - set(state.stats_count))
+  if unknown:
+    raise ValueError(
+        f'kfax.kfac: the updates have layers {unknown} that the state does not; init and update'
+        ' must see trees of the same structure.')
   for key, slots in layers.items():
-    if key not in state.a_factor:
-      raise ValueError(
-          f'kfax.kfac: the updates have a layer {key!r} that the state does not; init and update'
-          ' must see trees of the same structure.')
-    if (state.a_factor[key].shape[0], state.g_factor[key].shape[0]) != slots.dims:
+    if key in state.a_factor and (
+        state.a_factor[key].shape[0], state.g_factor[key].shape[0]) != slots.dims:
       raise ValueError(
           f'kfax.kfac: layer {key!r} has kernel shape {slots.kernel_shape}, which does not match'
           f' the factors in the state {state.a_factor[key].shape}, {state.g_factor[key].shape};'
           ' init the optimizer with the params you update.')
-  missing = sorted(set(state.a_factor) - set(layers))
+  missing = sorted(set(state.stats_count) - set(layers))
   if missing:
     raise ValueError(f'kfax.kfac: the updates lack the layers {missing} that init saw.')
+  if shards is not None and state.shard.shape != (shards.shard_size,):
+    raise ValueError(
+        f'kfax.kfac: `state.shard` has shape {state.shard.shape}, but these layers on'
+        f' {shards.devices} devices need ({shards.shard_size},); init inside the same pmap /'
+        ' shard_map (kfax.partition_specs), with the params you update.')
 
 
-def _check_stats(stats: Stats, state: KfacState) -> None:
-  unknown = sorted(set(stats) - set(state.a_factor))
+def _check_stats(stats: Stats, layers: dict[str, LayerSlots]) -> None:
+  unknown = sorted(set(stats) - set(layers))
   if unknown:
     raise ValueError(
         f'kfax.kfac: statistics for {unknown}, which are not kernels of the params given to'
-        f' init (layers: {sorted(state.a_factor)}); pass the same params tree to the loss and'
+        f' init (layers: {sorted(layers)}); pass the same params tree to the loss and'
         ' to init.')
   for key, new in stats.items():
-    want = (state.a_factor[key].shape, state.g_factor[key].shape)
+    d_in, d_out = layers[key].dims
+    want = ((d_in, d_in), (d_out, d_out))
     got = (jnp.shape(new['a_factor']), jnp.shape(new['g_factor']))
     if want != got:
       raise ValueError(
           f'kfax.kfac: layer {key!r}: capture saw factors of shapes A {got[0]}, G {got[1]} but'
           f' its kernel (and bias) needs A {want[0]}, G {want[1]}; the module at {key!r} does not'
           ' use the kernel stored there as a Dense/Conv kernel.')
-  missing = sorted(set(state.a_factor) - set(stats))
+  missing = sorted(set(layers) - set(stats))
   if missing:
     warnings.warn(
         f'kfax.kfac: no statistics for {missing} (not called as nn.Dense / nn.Conv in the loss,'

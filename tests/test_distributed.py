@@ -13,7 +13,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kfax
-from kfax import _distributed
+from kfax import _distributed, _sharded
+from kfax._params import find_layers
 
 DEVICES = 8
 pytestmark = pytest.mark.skipif(jax.device_count() < DEVICES, reason='needs 8 (CPU) devices')
@@ -54,12 +55,12 @@ def _train(step_fn, params, xs, ys, state):
   return params
 
 
-def _train_sharded(step, mesh, tx):
+def _train_sharded(step, mesh, tx, state=None):
   """`_train` on the batches sharded over the mesh's 'data' axis."""
   params, xs, ys = _data()
   batch = NamedSharding(mesh, P(None, 'data'))
   return _train(step, params, jax.device_put(xs, batch), jax.device_put(ys, batch),
-                tx.init(params))
+                tx.init(params) if state is None else state)
 
 
 def _step(tx, grad_and_stats, params, state, x, y, with_stats):
@@ -76,21 +77,23 @@ def _local(params, x, y, with_stats):
 
 
 @functools.lru_cache(maxsize=None)
-def _reference():
+def _reference(damping_mode='factored'):
   params, xs, ys = _data()
-  tx = _tx()
+  tx = _tx(damping_mode=damping_mode)
   step = jax.jit(functools.partial(_step, tx, _local), static_argnums=4)
   return _train(step, params, xs, ys, tx.init(params))
 
 
-def _assert_same(params):
+def _assert_same(params, damping_mode='factored'):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
-                                                       atol=2e-5), params, _reference())
+                                                       atol=2e-5), params, _reference(damping_mode))
 
 
-def test_pmap_matches_one_device():
+@pytest.mark.parametrize('gather,damping_mode', [
+    ('decompositions', 'factored'), ('gradients', 'factored'), ('gradients', 'eigen')])
+def test_pmap_matches_one_device(gather, damping_mode):
   params, xs, ys = _data()
-  tx = _tx('batch', comm_dtype='float32')
+  tx = _tx('batch', comm_dtype='float32', gather=gather, damping_mode=damping_mode)
 
   def grad_and_stats(params, x, y, with_stats):
     grads, stats = _local(params, x, y, with_stats)
@@ -100,15 +103,24 @@ def test_pmap_matches_one_device():
                   static_broadcasted_argnums=4)
   replicate = lambda t: jax.tree.map(lambda v: jnp.broadcast_to(v, (DEVICES, *v.shape)), t)
   shard = lambda v: v.reshape(v.shape[0], DEVICES, -1, *v.shape[2:])
-  out = _train(step, replicate(params), shard(xs), shard(ys), replicate(tx.init(params)))
-  _assert_same(jax.tree.map(lambda v: v[0], out))
+  # gather='gradients' keeps a different share of the state on each device: init per device.
+  state = jax.pmap(tx.init, axis_name='batch')(replicate(params))
+  out = _train(step, replicate(params), shard(xs), shard(ys), state)
+  _assert_same(jax.tree.map(lambda v: v[0], out), damping_mode)
 
 
-@pytest.mark.parametrize('check_vma', [True, False])
-@pytest.mark.parametrize('axis_type', [AxisType.Explicit, AxisType.Auto])
-def test_shard_map_matches_one_device(check_vma, axis_type):
+@pytest.mark.parametrize('check_vma,axis_type,gather', [
+    *((vma, axis, 'decompositions') for vma in (True, False)
+      for axis in (AxisType.Explicit, AxisType.Auto)),
+    (True, AxisType.Explicit, 'gradients'), (False, AxisType.Explicit, 'gradients')])
+def test_shard_map_matches_one_device(check_vma, axis_type, gather):
   mesh = jax.make_mesh((DEVICES,), ('data',), axis_types=(axis_type,))
-  tx = _tx('data')
+  tx = _tx('data', gather=gather)
+  params = _data()[0]
+  shapes = jax.eval_shape(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=P(),
+                                        check_vma=False), params)
+  specs = kfax.partition_specs(shapes, 'data')
+  state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs))(params)
 
   def grad_and_stats(params, x, y, with_stats):
     grads, stats = _local(params, x, y, with_stats)
@@ -118,17 +130,25 @@ def test_shard_map_matches_one_device(check_vma, axis_type):
 
   def step(params, state, x, y, with_stats):
     body = lambda p, s, x, y: _step(tx, grad_and_stats, p, s, x, y, with_stats)
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P('data'), P('data')),
-                         out_specs=(P(), P()), check_vma=check_vma)(params, state, x, y)
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), specs, P('data'), P('data')),
+                         out_specs=(P(), specs), check_vma=check_vma)(params, state, x, y)
 
-  _assert_same(_train_sharded(jax.jit(step, static_argnums=4), mesh, tx))
+  _assert_same(_train_sharded(jax.jit(step, static_argnums=4), mesh, tx, state))
 
 
-def test_sharded_jit_matches_one_device():
+@pytest.mark.parametrize('split', [False, True])
+def test_sharded_jit_matches_one_device(split):
+  """Plain jit on a batch-sharded input; with `mesh`, each refresh is split across its axis."""
   mesh = jax.make_mesh((DEVICES,), ('data',), axis_types=(AxisType.Auto,))
-  tx = _tx()
+  tx = _tx('data', mesh=mesh) if split else _tx()
   step = jax.jit(functools.partial(_step, tx, _local), static_argnums=4)
   _assert_same(_train_sharded(step, mesh, tx))
+  if split:  # each device inverts only its own share of the factors
+    params, xs, ys = _data()
+    jaxpr = jax.make_jaxpr(step, static_argnums=4)(params, tx.init(params), xs[0], ys[0], True)
+    (switch,) = [e for e in _equations(jaxpr.jaxpr, 'cond') if len(e.params['branches']) > 2]
+    per_device = [len(_equations(b.jaxpr, 'cholesky')) for b in switch.params['branches']]
+    assert sum(per_device) == 2 * len(params) and max(per_device) < sum(per_device) / 2
 
 
 def test_statistics_are_averaged_in_one_packed_all_reduce():
@@ -250,3 +270,61 @@ def test_accumulation_communicates_once_per_update():
         replicate(params), replicate(tx.init(params)), shard(xs[0]), shard(ys[0]))
     collectives.append(len(_equations(jaxpr.jaxpr, 'psum')))
   assert collectives[0] == collectives[1]
+
+
+def _replicate(tree):
+  return jax.tree.map(lambda v: jnp.broadcast_to(v, (DEVICES, *v.shape)), tree)
+
+
+def test_gradients_gather_shards_the_state_and_all_reduces_gradients_once():
+  """gather='gradients' (MEM-OPT): each device keeps its own layers' curvature, gets their
+  statistics by one reduce-scatter, decomposes them alone, and one all-reduce of exactly the
+  layers' gradient size gathers the preconditioned gradients."""
+  params, xs, ys = _data()
+  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, xs[0], ys[0])
+  tx = kfax.kfac(axis_name='batch', gather='gradients', damping_mode='eigen')
+  state = jax.pmap(tx.init, axis_name='batch')(_replicate(params))
+  step = lambda g, s, st: tx.update(g, s, stats=st)[0]
+  jaxpr = jax.make_jaxpr(jax.pmap(step, axis_name='batch'))(
+      _replicate(grads), state, _replicate(stats)).jaxpr
+  dims = {k: slots.dims for k, slots in find_layers(params).items()}
+  layout = _sharded.layout(dims, DEVICES, eigen=True)
+  assert state.shard.shape == (DEVICES, layout.shard_size)
+  (scatter,) = _equations(jaxpr, 'reduce_scatter')
+  packed = sum(n * (n + 1) // 2 for d in dims.values() for n in d)
+  assert scatter.invars[0].aval.shape == (DEVICES * layout.stats_size,)
+  assert packed <= DEVICES * layout.stats_size
+  # Besides two scalars (finite statistics, failed refresh): one gradient-sized all-reduce.
+  reduced = sorted(int(np.prod(v.aval.shape)) for e in _equations(jaxpr, 'psum') for v in e.invars)
+  assert reduced == [1, 1, sum(a * g for a, g in dims.values())]
+  (switch,) = [e for e in _equations(jaxpr, 'cond') if _equations(e.params['branches'][0].jaxpr,
+                                                                     'eigh')]
+  per_device = [_eigh_matrices(b.jaxpr) for b in switch.params['branches']]
+  assert per_device == [2 * len(keys) for keys in layout.owned]
+  # On ResNet-50 a device's share is at most 1.1 / devices of the replicated state, and the
+  # reduce-scatter's padded buffer at most 1.5x the packed factors (a reduce-scatter moves half
+  # of what an all-reduce of the same buffer moves: at most 0.75 of the replicated mode's).
+  dims = {str(i): d for i, d in enumerate(_resnet50_factor_sizes())}
+  replicated = sum(2 * n * n + n for d in dims.values() for n in d)  # factor, eigvecs, eigvals
+  packed = sum(n * (n + 1) // 2 for d in dims.values() for n in d)
+  for devices in (2, 4, 8):
+    layout = _sharded.layout(dims, devices, eigen=True)
+    assert layout.shard_size <= 1.1 * replicated / devices
+    assert devices * layout.stats_size <= 1.5 * packed
+
+
+def test_distributed_configuration_errors():
+  params = _data()[0]
+  mesh = jax.make_mesh((DEVICES,), ('data',), axis_types=(AxisType.Auto,))
+  with pytest.raises(ValueError, match=r"gather='gradients' needs `axis_name`"):
+    kfax.kfac(gather='gradients')
+  with pytest.raises(ValueError, match=r'`mesh` needs `axis_name`'):
+    kfax.kfac(mesh=mesh)
+  with pytest.raises(ValueError, match=r"`axis_name` 'batch' is not an axis of `mesh`"):
+    kfax.kfac(axis_name='batch', mesh=mesh)
+  with pytest.raises(ValueError, match=r'`gather` must be one of'):
+    kfax.kfac(axis_name='data', gather='layers')
+  with pytest.raises(ValueError, match=r'wrap the step in jax.shard_map'):
+    kfax.kfac(axis_name='data', mesh=mesh, gather='gradients')
+  with pytest.raises(ValueError, match=r"the axis 'data' is not bound.*inside jax.pmap"):
+    kfax.kfac(axis_name='data', gather='gradients').init(params)
