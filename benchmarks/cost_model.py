@@ -13,7 +13,7 @@ at T output positions (T = 1 for Dense), with A of size `d_in` (kernel rows + bi
 - preconditioning: eigen mode `2·2·(d_in²·d_out + d_in·d_out²)` (four products), factored
   mode half of that (two products);
 - refresh: eigen mode `9·n³` per factor (symmetric QR with eigenvectors, Golub & Van Loan);
-  factored mode `(10/3)·n³` (Cholesky n³/3, triangular solve against I n³, Lᵀ·L 2n³).
+  factored mode `(7/3)·n³` (Cholesky n³/3, two triangular solves against I, n³ each).
 
 The predicted kfax/SGD ratio for statistics every `s` and refresh every `i` steps is
 `(F_fb + F_precond + (F_mc + F_A + F_G)/s + F_refresh/i) / F_fb`: the limit if every stage ran at
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import models
 
 EIGH_CONSTANT = 9.0
-CHOLESKY_INVERSE_CONSTANT = 10.0 / 3.0
+CHOLESKY_INVERSE_CONSTANT = 7.0 / 3.0
 
 
 @dataclasses.dataclass(frozen=True)

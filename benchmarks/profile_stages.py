@@ -23,6 +23,12 @@ Run (about a minute per model on 2 CPU cores):
 
 from __future__ import annotations
 
+import os
+
+# One OpenBLAS thread: its threads oversubscribe the cores beside XLA's pool and make CPU
+# Cholesky / eigh steps 10-50x slower under load (README.md); kfac-jax uses the same LAPACK.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')  # before numpy or jax load OpenBLAS
+
 import argparse
 import json
 import statistics

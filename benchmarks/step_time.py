@@ -3,7 +3,9 @@
 For each model (an MLP, a small CNN, a CIFAR-shape ResNet-18 and an ImageNet-shape ResNet-50,
 see `models.py`) and each optimizer, the jitted step is compiled ahead of time (not timed), run a
 few warm-up steps, then timed step by step (`jax.block_until_ready` after each); the median is
-reported. Batches are fixed random arrays, so data loading is not timed. Every method's step is
+reported. SGD, Adam and kfax's parts are timed in rounds, one step of each per round, so that a
+change of load on a shared machine hits them alike (kfac-jax, much slower, is timed after them).
+Batches are fixed random arrays, so data loading is not timed. Every method's step is
 the full training step: loss, gradients, optimizer update, `optax.apply_updates`, BatchNorm
 statistics, with the train state donated (as kfac-jax does; `--no_donate` turns it off).
 
@@ -40,18 +42,23 @@ benchmarks/results/step_time.json):
 
 from __future__ import annotations
 
+import os
+
+# One OpenBLAS thread: its threads oversubscribe the cores beside XLA's pool and make CPU
+# Cholesky / eigh steps 10-50x slower under load (README.md); kfac-jax uses the same LAPACK.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')  # before numpy or jax load OpenBLAS
+
 import argparse
 import dataclasses
 import datetime
 import json
-import os
 import platform
 import statistics
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -174,21 +181,30 @@ def compile_step(step: Callable, state: TrainState, problem: Problem,
 # ------------------------------------------------------------------------------------- timing
 
 
-def time_steps(run: Callable[[Any, int], Any], state: Any, steps: int, warmup: int,
-               before: Callable[[Any, int], Any] | None = None) -> tuple[list[float], Any]:
-  """Seconds of each of `steps` calls `state = run(state, i)`, after `warmup` untimed calls.
+class Series(NamedTuple):
+  """One timed series: `state = run(state, i)`, after an untimed `before(state, i)` if given."""
 
-  `before(state, i)` (untimed) may edit the state before each call.
-  """
-  times = []
+  run: Callable[[Any, int], Any]
+  state: Any
+  before: Callable[[Any, int], Any] | None = None
+
+
+def time_interleaved(series: dict[str, Series], steps: int,
+                     warmup: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+  """Seconds of each step of every series, timed in rounds of one step per series, so that a
+  change of load on a shared machine hits every method alike (ratios stay honest)."""
+  states = {k: s.state for k, s in series.items()}
+  times: dict[str, list[float]] = {k: [] for k in series}
   for i in range(warmup + steps):
-    if before is not None:
-      state = jax.block_until_ready(before(state, i))
-    start = time.perf_counter()
-    state = jax.block_until_ready(run(state, i))
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
-  return times, state
+    for key, (run, _, before) in series.items():
+      state = states[key]
+      if before is not None:
+        state = jax.block_until_ready(before(state, i))
+      start = time.perf_counter()
+      states[key] = jax.block_until_ready(run(state, i))
+      if i >= warmup:
+        times[key].append(time.perf_counter() - start)
+  return times, states
 
 
 def median(times: list[float]) -> float:
@@ -219,21 +235,25 @@ def amortized(parts: dict[str, float], stats_every: int, inverse_every: int) -> 
 # ------------------------------------------------------------------------------------ methods
 
 
-def time_first_order(problem: Problem, tx: optax.GradientTransformation,
-                     args: argparse.Namespace) -> dict[str, Any]:
+def first_order_series(problem: Problem, tx: optax.GradientTransformation,
+                       args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Series]]:
+  """The method's compile info and its one timed series, 'step'."""
   loss_fn = make_loss(problem)
   state = (copy_tree(problem.params), copy_tree(problem.batch_stats), copy_tree(tx.init(problem.params)))
   opt_bytes = state_bytes(state[2])
   step, info = compile_step(plain_step_fn(loss_fn, tx), state, problem, args.donate)
   key = jax.random.key(0)
-  times, _ = time_steps(lambda s, i: step(s, problem.x, problem.y, key)[0], state,
-                        args.steps, args.warmup)
-  return {'step_s': median(times), 'state_bytes': opt_bytes, 'compiled': {'step': info},
-          'times_s': times}
+  run = lambda s, i: step(s, problem.x, problem.y, key)[0]
+  return {'state_bytes': opt_bytes, 'compiled': {'step': info}}, {'step': Series(run, state)}
 
 
-def time_kfax(problem: Problem, mode: str, args: argparse.Namespace) -> dict[str, Any]:
-  """kfax's plain / stats / refresh parts (and optionally one real schedule cycle)."""
+def first_order_result(info: dict[str, Any], times: dict[str, list[float]]) -> dict[str, Any]:
+  return {'step_s': median(times['step']), **info, 'times_s': times['step']}
+
+
+def kfax_series(problem: Problem, mode: str,
+                args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Series]]:
+  """kfax's compile info and three timed series: stats, plain and plain with a refresh."""
   if args.inverse_every < 2:
     raise ValueError('--inverse_every must be >= 2 to time steps without a refresh')
   tx = optax.chain(
@@ -250,16 +270,22 @@ def time_kfax(problem: Problem, mode: str, args: argparse.Namespace) -> dict[str
   run_plain = lambda s, i: plain_step(s, problem.x, problem.y, keys[i])[0]
   # The first statistics (count 0) absorb and refresh; later steps with count 1 never refresh.
   state = jax.block_until_ready(run_stats(state, 0))
-  t_stats, state = time_steps(run_stats, state, args.steps, args.warmup, set_count(1))
-  t_plain, state = time_steps(run_plain, state, args.steps, args.warmup, set_count(1))
-  t_refresh, state = time_steps(run_plain, state, args.steps, args.warmup, set_count(0))
-  parts = {'plain': median(t_plain), 'stats': median(t_stats)}
-  parts['refresh'] = median(t_refresh) - parts['plain']
-  result = {'parts_s': parts, 'state_bytes': opt_bytes,
-            'compiled': {'stats_step': stats_info, 'plain_step': plain_info},
-            'times_s': {'stats': t_stats, 'plain': t_plain, 'plain_refresh': t_refresh}}
+  info = {'state_bytes': opt_bytes, 'run_stats': run_stats, 'run_plain': run_plain,
+          'compiled': {'stats_step': stats_info, 'plain_step': plain_info}}
+  return info, {'stats': Series(run_stats, copy_tree(state), set_count(1)),
+                'plain': Series(run_plain, copy_tree(state), set_count(1)),
+                'plain_refresh': Series(run_plain, state, set_count(0))}
+
+
+def kfax_result(info: dict[str, Any], times: dict[str, list[float]], states: dict[str, Any],
+                args: argparse.Namespace) -> dict[str, Any]:
+  """The parts (refresh = plain with a refresh - plain) and, optionally, one real cycle."""
+  parts = {'plain': median(times['plain']), 'stats': median(times['stats'])}
+  parts['refresh'] = median(times['plain_refresh']) - parts['plain']
+  run_stats, run_plain = info.pop('run_stats'), info.pop('run_plain')
+  result = {'parts_s': parts, **info, 'times_s': times}
   if args.check_steps:
-    result['schedule_check'] = check_schedule(run_stats, run_plain, state, args)
+    result['schedule_check'] = check_schedule(run_stats, run_plain, states['plain'], args)
   return result
 
 
@@ -388,28 +414,26 @@ def peak_memory() -> str | int:
   return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else 'n/a'
 
 
-def kfax_modes(args: argparse.Namespace) -> list[str]:
-  """The damping modes to time, with a warning where refreshes are known to hang."""
-  if jax.devices()[0].platform == 'cpu' and tuple(
-      int(v) for v in jax.__version__.split('.')[:2]) >= (0, 10):
-    log('warning: on jax >= 0.10 CPU (2 cores) a kfax refresh (batched eigh / Cholesky) can'
-        ' deadlock the intra-op thread pool (README.md); the jax 0.9.1 venv does not')
-  return args.damping_modes.split(',')
-
-
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
   config = cost_model.override(models.DEFAULTS[name], args)
   problem = make_problem(name, config)
   result: dict[str, Any] = {'config': dataclasses.asdict(config),
                             'params': int(sum(p.size for p in jax.tree.leaves(problem.params)))}
   log(f'{name}: {config}, {result["params"]:,} parameters')
-  result['sgd'] = time_first_order(problem, optax.sgd(LEARNING_RATE, momentum=MOMENTUM), args)
-  log(f'  sgd  {result["sgd"]["step_s"] * 1e3:.2f} ms')
-  result['adam'] = time_first_order(problem, optax.adam(LEARNING_RATE), args)
-  log(f'  adam {result["adam"]["step_s"] * 1e3:.2f} ms')
-  for mode in args.kfax_modes:
-    result[f'kfax_{mode}'] = time_kfax(problem, mode, args)
-    log(f'  kfax {mode}: ' + fmt_parts(result[f'kfax_{mode}']['parts_s']))
+  methods = {'sgd': first_order_series(problem, optax.sgd(LEARNING_RATE, momentum=MOMENTUM), args),
+             'adam': first_order_series(problem, optax.adam(LEARNING_RATE), args)}
+  methods.update({f'kfax_{mode}': kfax_series(problem, mode, args) for mode in args.kfax_modes})
+  series = {(m, k): s for m, (_, named) in methods.items() for k, s in named.items()}
+  times, states = time_interleaved(series, args.steps, args.warmup)
+  for method, (info, named) in methods.items():
+    own_times = {k: times[(method, k)] for k in named}
+    if method.startswith('kfax_'):
+      own_states = {k: states[(method, k)] for k in named}
+      result[method] = kfax_result(info, own_times, own_states, args)
+      log(f'  {method}: ' + fmt_parts(result[method]['parts_s']))
+    else:
+      result[method] = first_order_result(info, own_times)
+      log(f'  {method} {result[method]["step_s"] * 1e3:.2f} ms')
   if kfac_jax is not None and not args.no_kfac_jax:
     for mode in args.kfac_jax_modes.split(','):
       try:
@@ -552,7 +576,7 @@ def main(argv: list[str] | None = None) -> None:
       f' {env["date"]}, load average {os.getloadavg()[0]:.2f}')
   if kfac_jax is None:
     log(f'kfac-jax skipped: import kfac_jax failed ({KFAC_JAX_ERROR})')
-  args.kfax_modes = kfax_modes(args)
+  args.kfax_modes = args.damping_modes.split(',')
   start = time.perf_counter()
   results = {name: bench_model(name, args) for name in args.models.split(',')}
   env['load_average_end'] = os.getloadavg()[0]

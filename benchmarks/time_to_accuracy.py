@@ -22,6 +22,12 @@ Writes benchmarks/results/time_to_accuracy.json and time_to_accuracy.png (needs 
 
 from __future__ import annotations
 
+import os
+
+# One OpenBLAS thread: its threads oversubscribe the cores beside XLA's pool and make CPU
+# Cholesky / eigh steps 10-50x slower under load (README.md); kfac-jax uses the same LAPACK.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')  # before numpy or jax load OpenBLAS
+
 import argparse
 import dataclasses
 import datetime
@@ -29,7 +35,6 @@ import importlib.util
 import itertools
 import json
 import math
-import os
 import statistics
 import sys
 import time
