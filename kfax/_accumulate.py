@@ -18,6 +18,13 @@ def accumulate(fn: Callable[..., Any], acc_iters: int) -> Callable[..., Any]:
   per accumulated step, not per micro-batch. With equal micro-batches the averages equal the
   full batch's: the loss and gradients are means, and so are A = mean aaᵀ and G = mean ggᵀ.
 
+  Under `jax.shard_map` with `check_vma=True`, the gradients of replicated parameters are summed
+  over devices inside the backward pass, so inside the scan: once per micro-batch. Make the
+  parameters device-varying first and average the gradients once after, as `examples/_common.py`
+  does: `fn(jax.tree.map(lambda p: jax.lax.pcast(p, axis, to='varying'), params), ...)`, then
+  `jax.lax.pmean(grads, axis)`. Auxiliary outputs (`has_aux=True`) are averaged too: for Flax
+  BatchNorm's running statistics that is the mean of the micro-batches' updates.
+
   `optax.MultiSteps` cannot do this for K-FAC: it calls the inner update on every micro-step
   but keeps the inner state only on the last, so every micro-batch's statistics but the last
   are dropped. Accumulating before the update keeps them all and needs no extra state.
