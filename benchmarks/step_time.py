@@ -3,8 +3,9 @@
 For each model (an MLP, a small CNN, a CIFAR-shape ResNet-18 and an ImageNet-shape ResNet-50,
 see `models.py`) and each optimizer, the jitted step is compiled ahead of time (not timed), run a
 few warm-up steps, then timed step by step (`jax.block_until_ready` after each); the median is
-reported. SGD, Adam and kfax's parts are timed in rounds, one step of each per round, so that a
-change of load on a shared machine hits them alike (kfac-jax, much slower, is timed after them).
+reported. SGD, Adam, kfax's parts and kfac-jax's plain step are timed in rounds, one step of each
+per round, so that a change of load on a shared machine hits them alike (kfac-jax's steps with
+curvature, seconds each on CPU, are timed after them).
 Batches are fixed random arrays, so data loading is not timed. Every method's step is
 the full training step: loss, gradients, optimizer update, `optax.apply_updates`, BatchNorm
 statistics, with the train state donated (as kfac-jax does; `--no_donate` turns it off).
@@ -389,21 +390,37 @@ def run_kfac_jax(problem: Problem, exact: bool, curvature_every: int, inverse_ev
   return times, opt_bytes, setup
 
 
-def time_kfac_jax(problem: Problem, exact: bool, args: argparse.Namespace) -> dict[str, Any]:
-  """kfac-jax's plain / stats / refresh parts: medians over `--kfac_jax_steps` steps with
-  curvature (its conv statistics take seconds per step on CPU) and `--steps` plain steps."""
-  big, warmup, steps = 10**9, args.kfac_jax_warmup, args.kfac_jax_steps
+def kfac_jax_plain_series(problem: Problem, exact: bool, args: argparse.Namespace) -> Series:
+  """kfac-jax's plain step, timed in the rounds with the others: an optimizer whose curvature
+  and inverses update at step 0 only, after that step."""
+  opt, has_state = kfac_jax_optimizer(problem, exact, 10**9, 10**9, args.damping)
+  batch = (problem.x, problem.y)
+  func_state = copy_tree(problem.batch_stats) if has_state else None
+  state = opt.init(copy_tree(problem.params), jax.random.key(0), batch, func_state)
+
+  def run(train_state, i):
+    params, opt_state, func_state = train_state
+    out = opt.step(params, opt_state, jax.random.key(i), batch=batch, func_state=func_state,
+                   global_step_int=i)
+    return (*out[:2], out[2] if has_state else None)
+
+  return Series(run, jax.block_until_ready(run((copy_tree(problem.params), state, func_state), 0)))
+
+
+def time_kfac_jax(problem: Problem, exact: bool, args: argparse.Namespace,
+                  plain: list[float]) -> dict[str, Any]:
+  """kfac-jax's plain / stats / refresh parts: the `plain` times from the rounds, and medians
+  over `--kfac_jax_steps` steps with curvature (its conv statistics take seconds per step on
+  CPU), timed after the rounds."""
+  warmup, steps = args.kfac_jax_warmup, args.kfac_jax_steps
   n = 2 * (warmup + steps) + 2
   # Curvature every step, inverses every 2 steps: odd steps stats only, even ones + refresh.
   every, opt_bytes, setup = run_kfac_jax(problem, exact, 1, 2, args, n)
   odd, even = every[1::2][warmup:], every[2::2][warmup:]
-  # Curvature (and inverses) at step 0 only: the later steps are plain.
-  once, _, _ = run_kfac_jax(problem, exact, big, big, args, 1 + warmup + args.steps)
-  parts = {'plain': median(once[1 + warmup:]), 'stats': median(odd)}
+  parts = {'plain': median(plain), 'stats': median(odd)}
   parts['refresh'] = median(even) - parts['stats']
-  return {'parts_s': parts, 'state_bytes': opt_bytes, 'first_step_s': every[0] + once[0],
-          'init_s': setup, 'times_s': {'stats': odd, 'stats_refresh': even,
-                                       'plain': once[1 + warmup:]}}
+  return {'parts_s': parts, 'state_bytes': opt_bytes, 'first_step_s': every[0],
+          'init_s': setup, 'times_s': {'stats': odd, 'stats_refresh': even, 'plain': plain}}
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -424,6 +441,12 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
              'adam': first_order_series(problem, optax.adam(LEARNING_RATE), args)}
   methods.update({f'kfax_{mode}': kfax_series(problem, mode, args) for mode in args.kfax_modes})
   series = {(m, k): s for m, (_, named) in methods.items() for k, s in named.items()}
+  kfac_jax_modes = [] if kfac_jax is None or args.no_kfac_jax else args.kfac_jax_modes.split(',')
+  for mode in kfac_jax_modes:
+    try:
+      series[(f'kfac_jax_{mode}', 'plain')] = kfac_jax_plain_series(problem, mode == 'eigen', args)
+    except Exception as error:  # noqa: BLE001 - report and go on with the other methods
+      result[f'kfac_jax_{mode}'] = {'error': f'{type(error).__name__}: {error}'[:2000]}
   times, states = time_interleaved(series, args.steps, args.warmup)
   for method, (info, named) in methods.items():
     own_times = {k: times[(method, k)] for k in named}
@@ -434,14 +457,18 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
       result[method] = first_order_result(info, own_times)
       log(f'  {method} {result[method]["step_s"] * 1e3:.2f} ms')
-  if kfac_jax is not None and not args.no_kfac_jax:
-    for mode in args.kfac_jax_modes.split(','):
-      try:
-        result[f'kfac_jax_{mode}'] = time_kfac_jax(problem, mode == 'eigen', args)
-        log(f'  kfac-jax {mode}: ' + fmt_parts(result[f'kfac_jax_{mode}']['parts_s']))
-      except Exception as error:  # noqa: BLE001 - report and go on with the other methods
-        result[f'kfac_jax_{mode}'] = {'error': f'{type(error).__name__}: {error}'[:2000]}
-        log(f'  kfac-jax {mode} failed: {result[f"kfac_jax_{mode}"]["error"][:300]}')
+  for mode in kfac_jax_modes:
+    if f'kfac_jax_{mode}' in result:
+      continue  # its plain step failed
+    try:
+      result[f'kfac_jax_{mode}'] = time_kfac_jax(problem, mode == 'eigen', args,
+                                                 times[(f'kfac_jax_{mode}', 'plain')])
+      log(f'  kfac-jax {mode}: ' + fmt_parts(result[f'kfac_jax_{mode}']['parts_s']))
+    except Exception as error:  # noqa: BLE001 - report and go on with the other methods
+      result[f'kfac_jax_{mode}'] = {'error': f'{type(error).__name__}: {error}'[:2000]}
+  for mode in kfac_jax_modes:
+    if 'error' in result[f'kfac_jax_{mode}']:
+      log(f'  kfac-jax {mode} failed: {result[f"kfac_jax_{mode}"]["error"][:300]}')
   result['cost_model'] = cost_model.analyze(name, config)
   result['peak_device_bytes'] = peak_memory()
   result['load_average_1min'] = os.getloadavg()[0]  # other processes skew the times
