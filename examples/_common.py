@@ -69,6 +69,12 @@ class TrainState(NamedTuple):
   key: jax.Array  # for the MC Fisher's sampled targets
 
 
+def batch_norm(train: bool, **kwargs: Any) -> nn.BatchNorm:
+  """BatchNorm over the global batch: the mean and variance are averaged over 'data'."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, axis_name=AXIS,
+                      **kwargs)
+
+
 # ------------------------------------------------------------------------------------- flags
 
 

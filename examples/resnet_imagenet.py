@@ -52,11 +52,7 @@ import jax.numpy as jnp
 
 import _common
 
-
-def norm(train: bool, **kwargs) -> nn.BatchNorm:
-  """BatchNorm over the global batch: the mean and variance are averaged over 'data'."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      axis_name=_common.AXIS, **kwargs)
+norm = _common.batch_norm  # synchronized over the 'data' axis
 
 
 class Bottleneck(nn.Module):
