@@ -6,14 +6,16 @@ from kfax._losses import sigmoid_binary_cross_entropy as sigmoid_binary_cross_en
 from kfax._losses import softmax_cross_entropy as softmax_cross_entropy
 from kfax._losses import squared_error as squared_error
 from kfax._summary import summary as summary
+from kfax._table import LayerTable as LayerTable
 from kfax._transform import KfacState as KfacState
 from kfax._transform import kfac as kfac
 from kfax._transform import partition_specs as partition_specs
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 __all__ = (
     'KfacState',
+    'LayerTable',
     'accumulate',
     'kfac',
     'partition_specs',

@@ -1,79 +1,185 @@
-"""Capture: the loss, its gradients and each layer's K-FAC statistics from one forward pass.
+"""Capture: the loss, its gradients and every layer's K-FAC statistics from one forward pass.
 
-`flax.linen.intercept_methods` sees every `nn.Dense` / `nn.Conv` call inside the loss. For each call
-it keeps the input (for A) and adds a zero perturbation to the output, whose gradient is dL/dy
-(for G). A first, shape-only trace (`jax.eval_shape`) sizes the perturbations; the real pass is one
-`jax.vjp`, pulled back once for the gradients and, with `fisher="mc"`, once more with targets
-sampled from the model (the parameter cotangents of that second pull-back are dead code that XLA
-removes under `jit`).
+`flax.linen.intercept_methods` sees every module call inside the loss. A first, shape-only trace
+(`jax.eval_shape`) finds the calls of the kinds in `_kinds.KINDS` and builds the layer table.
+The real pass then adds to each captured layer's params subtree a zero *accumulator* and routes
+each call's output through a `custom_vjp` identity whose backward pass computes the call's
+statistics from its saved input and its output gradient and returns them as the accumulator's
+cotangent. The statistics are therefore gradients: they come out of `nn.remat`, `nn.scan`
+(one accumulator slice per scanned layer), `nn.vmap`, `nn.jit` and recurrent cells (summed over
+time steps, like weight sharing) exactly as parameter gradients do. With `fisher="mc"` the same
+forward pass is pulled back a second time with targets sampled from the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 import threading
 import warnings
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from kfax import _layers
+from kfax import _kinds, _table
+from kfax._table import Entry, LayerTable
 
 FISHER_TYPES = ('empirical', 'mc')
+SEQUENCES = ('expand', 'reduce')
+FALLBACKS = ('diagonal', 'none')
+ACC = '__kfax__'  # the accumulator's name in a layer's params subtree
 Stats = dict[str, dict[str, jax.Array]]
 
 _local = threading.local()
 
 
-def path_name(path: tuple[Any, ...]) -> str:
-  """'a/b/c' for a pytree key path or a Flax module path."""
-  parts = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        key = getattr(key, attr)
-        break
-    parts.append(str(key))
-  return '/'.join(parts)
+class _Mark(NamedTuple):
+  output: jax.Array
+  sampled_cotangent: Callable[[jax.Array, jax.Array], jax.Array]
+  examples: jax.Array
+
+
+def mark_output(output: jax.Array, sampled_cotangent: Callable, examples: Any) -> None:
+  """Called by kfax losses: a model output, its MC cotangent and the loss's number of examples."""
+  stack = getattr(_local, 'stack', [])
+  if stack:
+    stack[-1].marks.append(_Mark(output, sampled_cotangent, jnp.asarray(examples, jnp.float32)))
+
+
+class _Record:
+  """What the shape-only trace saw of one params subtree."""
+
+  def __init__(self) -> None:
+    self.specs: dict[str, _kinds.Spec] = {}  # by role
+    self.reasons: list[str] = []
+    self.module = ''
+    self.stack: tuple[int, ...] | None = None
+    self.vma: set = set()
+
+
+def _vma(x: Any) -> set:
+  try:
+    return set(getattr(jax.typeof(x), 'vma', ()) or ())
+  except (TypeError, AttributeError):
+    return set()
 
 
 class _Trace:
-  """What one trace of the loss saw: supported layer calls, unsupported ones, marked outputs."""
+  """One trace of the loss: records calls (shape-only pass) or taps them (real pass)."""
 
-  def __init__(self, params: Any, perturbations: list[jax.Array] | None, mark_outputs: bool):
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    self.kernel_paths = {id(leaf): path_name(path[:-1]) for path, leaf in leaves}
-    self.perturbations = perturbations
-    self.mark_outputs = mark_outputs
-    self.calls: list[tuple[str, _layers.FactorFn]] = []
-    self.inputs: list[jax.Array] = []
-    self.outputs_seen: list[jax.Array] = []
-    self.unsupported: dict[str, str] = {}
-    self.outputs: list[tuple[jax.Array, Callable]] = []
+  def __init__(self, params: Any, taps: dict[str, Any] | None, reduce: bool):
+    self.ids = {id(leaf): tuple(p.split('/')) for p, leaf in _table.named_leaves(params)}
+    self.shapes = {p: tuple(jnp.shape(leaf)) for p, leaf in _table.named_leaves(params)}
+    self.subtrees = _table.subtree_paths(params)
+    self.taps = taps  # None in the shape-only pass; else {key: diag sides} of captured layers
+    self.reduce = reduce
+    self.records: dict[str, _Record] = {}
+    self.marks: list[_Mark] = []
 
-  def key(self, module: nn.Module) -> str:
-    kernel = module.variables.get('params', {}).get('kernel')
-    return self.kernel_paths.get(id(kernel)) or path_name(module.path)
+  def locate(self, module: nn.Module, names: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The path, in the params given to the loss, of the module's own parameters."""
+    own = module.variables.get('params', {})
+    for name in names:
+      leaf = own.get(name)
+      leaf = leaf.unbox() if isinstance(leaf, nn.meta.AxisMetadata) else leaf
+      if id(leaf) in self.ids:
+        return self.ids[id(leaf)][:-1]
+    target = tuple(str(p) for p in module.path)  # inside a lifted transform: by module path
+    found = [p for p in self.subtrees if target and p[len(p) - len(target):] == target]
+    return found[0] if len(found) == 1 else None
 
   def intercept(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-    made = _layers.factor_fn(context.module) if context.method_name == '__call__' else None
+    if _kinds.internal():
+      return next_fun(*args, **kwargs)
+    module, method = context.module, context.method_name
+    found = _kinds.match(module, method, args, kwargs)
+    if self.taps is None:
+      self._record(module, found, args, kwargs)
+      return next_fun(*args, **kwargs)
     y = next_fun(*args, **kwargs)
-    if made is None:
+    if found is None or not isinstance(found[1], _kinds.Spec):
       return y
-    fn, reason = made
-    key = self.key(context.module)
-    if fn is None:
-      self.unsupported[key] = f'{type(context.module).__name__} with {reason}'
+    kind, spec = found
+    acc = module.variables.get('params', {}).get(ACC)
+    if acc is None or spec.role not in acc:
       return y
-    self.calls.append((key, fn))
-    if self.perturbations is None:
-      self.outputs_seen.append(y)
-      return y
-    self.inputs.append(args[0] if args else kwargs['inputs'])
-    return y + self.perturbations[len(self.calls) - 1]
+    saved = _kinds.save(kind, spec, module, args, kwargs)
+    return _tap(kind, spec, self.reduce, _diagonal_sides(acc[spec.role]))(y, saved, acc[spec.role])
+
+  def _record(self, module: nn.Module, found: tuple | None, args: tuple, kwargs: dict) -> None:
+    own = {k: v for k, v in module.variables.get('params', {}).items()
+           if not isinstance(v, Mapping)}
+    if found is None:
+      if own:  # who owns parameters that no kind captures, for the summary
+        path = self.locate(module, tuple(own))
+        if path is not None:
+          self.records.setdefault('/'.join(path), _Record()).module = type(module).__name__
+      return
+    kind, spec = found
+    path = self.locate(module, spec.params if isinstance(spec, _kinds.Spec) else tuple(own))
+    if path is None:
+      return
+    record = self.records.setdefault('/'.join(path), _Record())
+    record.module = type(module).__name__
+    if isinstance(spec, _kinds.Unsupported):
+      record.reasons.append(spec.reason)
+      return
+    before = record.specs.get(spec.role)
+    if before is not None and before._replace(config=None) != spec._replace(config=None):
+      record.reasons.append('calls of incompatible shapes')
+      return
+    record.specs[spec.role] = spec
+    stored = self.shapes.get('/'.join(path + (spec.params[0],)))
+    call = spec.shapes[0]
+    if stored is None or tuple(stored[len(stored) - len(call):]) != call:
+      record.reasons.append('parameters stacked on an axis other than the leading ones')
+      return
+    stack = tuple(stored[:len(stored) - len(call)])
+    if record.stack not in (None, stack):
+      record.reasons.append('calls at different stack depths')
+    record.stack = stack
+    record.vma |= _vma(_kinds._input(args, kwargs))
+
+
+def _diagonal_sides(acc: dict[str, jax.Array]) -> tuple[bool, bool]:
+  """Which Kronecker sides of an accumulator are diagonal (one axis fewer than `calls` + 2)."""
+  if 'a_factor' not in acc:
+    return (False, False)
+  full = acc['calls'].ndim + 3  # blocks of one call, then (n, n)
+  return (acc['a_factor'].ndim < full, acc['g_factor'].ndim < full)
+
+
+def _tap(kind: _kinds.Kind, spec: _kinds.Spec, reduce: bool, diag: tuple[bool, bool]):
+  """`y -> y` whose backward pass returns the call's statistics as `acc`'s cotangent."""
+
+  @jax.custom_vjp
+  def tap(y, saved, acc):
+    del saved, acc
+    return y
+
+  def forward(y, saved, acc):
+    return y, (saved, acc['calls'])
+
+  def backward(residuals, dy):
+    saved, calls = residuals
+    stats = kind.statistics(spec, saved, dy, reduce, diag)
+    cotangent = {name: value.astype(jnp.float32) for name, value in stats.items()}
+    cotangent['calls'] = jnp.ones_like(calls)
+    return dy, jax.tree.map(_zero_cotangent, saved), cotangent
+
+  tap.defvjp(forward, backward)
+  return tap
+
+
+def _zero_cotangent(x: jax.Array) -> jax.Array:
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)
 
 
 @contextlib.contextmanager
@@ -87,132 +193,263 @@ def _tracing(trace: _Trace) -> Iterator[None]:
     stack.pop()
 
 
-def mark_output(logits: jax.Array, sampled_cotangent: Callable) -> None:
-  """Called by kfax losses: registers a model output and its MC cotangent with the capture."""
-  stack = getattr(_local, 'stack', [])
-  if stack and stack[-1].mark_outputs:
-    stack[-1].outputs.append((logits, sampled_cotangent))
+def build_table(trace: _Trace, sequence: str, fallback: str, max_factor_dim: int) -> LayerTable:
+  """The layer table of a shape-only trace: captured layers, then every other parameter."""
+  entries, covered = [], set()
+  for key, record in trace.records.items():
+    if not record.specs or record.reasons:
+      continue
+    specs = list(record.specs.values())
+    first = specs[0]
+    if any(s._replace(role='', config=None, n_scaled=(0, 0)) !=
+           first._replace(role='', config=None, n_scaled=(0, 0)) for s in specs):
+      record.reasons.append('used by calls that disagree on its layout')
+      continue
+    leaves = tuple(f'{key}/{name}' if key else name for name in first.params)
+    stack = record.stack or ()
+    blocks = stack + ((first.blocks,) if first.blocks > 1 else ())
+    if first.curvature == 'kronecker':
+      diag = (first.kind == 'embed' or first.dims[0] > max_factor_dim,
+              first.dims[1] > max_factor_dim)
+    else:
+      diag, blocks = (False, False), stack
+    roles = tuple((s.role, s.n_scaled) for s in specs)
+    entries.append(Entry(key=key, kind=first.kind, curvature=first.curvature, leaves=leaves,
+                         layout=first.layout, stack=stack, blocks=blocks, dims=first.dims,
+                         diag=diag, roles=roles, note=''))
+    covered.update(leaves)
+  notes = {}
+  for key, record in trace.records.items():
+    if record.reasons:
+      notes[key] = f'{record.module}: {"; ".join(sorted(set(record.reasons)))}'
+    elif not record.specs and record.module:
+      notes[key] = f'{record.module}: not a layer kind kfax captures'
+  for path, shape in trace.shapes.items():
+    if path in covered:
+      continue
+    parent = path.rsplit('/', 1)[0] if '/' in path else ''
+    note = notes.get(parent, 'not used by any module call capture saw')
+    entries.append(Entry(key=path, kind='fallback', curvature=fallback, leaves=(path,),
+                         layout=(None,), stack=(), blocks=shape, dims=(), diag=(False, False),
+                         roles=(), note=note))
+  order = {p: i for i, p in enumerate(trace.shapes)}
+  entries.sort(key=lambda e: order[e.leaves[0]])
+  return LayerTable(tuple(entries), trace.shapes, sequence)
 
 
-def _accumulate(calls: list[tuple[str, _layers.FactorFn]], xs, dys) -> Stats:
-  """Per-layer statistics: a module called several times adds A terms and averages G terms."""
-  a_sums: dict[str, jax.Array] = {}
-  g_terms: dict[str, list[jax.Array]] = {}
-  for (key, fn), x, dy in zip(calls, xs, dys):
-    with jax.named_scope(f'kfax/stats/{key}'):
-      a, g = fn(x, dy)
-    a_sums[key] = a_sums[key] + a if key in a_sums else a
-    g_terms.setdefault(key, []).append(g)
-  return {
-      key: {'a_factor': a_sums[key], 'g_factor': sum(g_terms[key]) / len(g_terms[key])}
-      for key in a_sums
-  }
+def _accumulators(table: LayerTable, vma: dict[str, set]) -> dict[str, dict]:
+  """Zero accumulators per captured layer and role, device-varying like the layer's input."""
+  out = {}
+  for key, e in table.entries.items():
+    if e.curvature not in ('kronecker', 'unitwise'):
+      continue
+    call_blocks = e.blocks[len(e.stack):] or (1,)
+    shapes = {name: e.stack + call_blocks + s[len(e.blocks):] for name, s in e.stat_shapes().items()}
+    if e.curvature == 'unitwise':
+      shapes = {'fisher': e.stack + e.stat_shapes()['fisher'][len(e.blocks):]}
+    axes = tuple(sorted(vma.get(key, ()), key=str))
+
+    def zeros(shape):
+      z = jnp.zeros(shape, jnp.float32)
+      return jax.lax.pcast(z, axes, to='varying') if axes else z
+
+    out[key] = {role: {**{n: zeros(s) for n, s in shapes.items()}, 'calls': zeros(e.stack)}
+                for role, _ in e.roles}
+  return out
+
+
+def _inject(params: Any, accs: dict[str, dict]) -> Any:
+  for key, acc in accs.items():
+    params = _table.insert(params, tuple(key.split('/')) if key else (), ACC, acc)
+  return params
+
+
+def _combine(table: LayerTable, raw: dict[str, dict], examples: jax.Array) -> Stats:
+  """Per-layer statistics from the accumulators' cotangents: N applied, A (and unit-wise) terms
+  added over calls, G terms averaged over calls."""
+  stats = {}
+  for key, acc in raw.items():
+    e = table.entries[key]
+    total: dict[str, jax.Array] = {}
+    calls = sum(acc[role]['calls'] for role, _ in e.roles)
+    for role, n_scaled in e.roles:
+      for name, value in acc[role].items():
+        if name == 'calls':
+          continue
+        scaled = n_scaled[0] if name in ('a_factor', 'fisher') else n_scaled[1]
+        value = value * examples if scaled else value
+        total[name] = total[name] + value if name in total else value
+    if 'g_factor' in total:
+      g = total['g_factor']
+      total['g_factor'] = g / jnp.maximum(calls, 1.0).reshape(calls.shape + (1,) * (g.ndim - calls.ndim))
+    shapes = e.stat_shapes()
+    stats[key] = {n: v.reshape(shapes[n]) for n, v in total.items()}
+  return stats
+
+
+def _check_value(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
+  if has_aux:
+    if not (isinstance(out, tuple) and len(out) == 2):
+      raise ValueError(
+          'kfax.value_grad_and_stats: has_aux=True, so loss_fn must return (loss, aux); it'
+          f' returned {type(out).__name__}.')
+    loss, aux = out
+  else:
+    if isinstance(out, (tuple, list)):
+      raise ValueError(
+          f'kfax.value_grad_and_stats: loss_fn returned a {type(out).__name__}; if it is'
+          ' (loss, aux), pass has_aux=True.')
+    loss, aux = out, None
+  if jnp.shape(loss) != ():
+    raise ValueError(
+        'kfax.value_grad_and_stats: loss_fn must return a scalar mean loss'
+        f'{" as the first element of (loss, aux)" if has_aux else ""}, got shape'
+        f' {jnp.shape(loss)}.')
+  return loss, aux
+
+
+def _takes_rng(fn: Callable) -> bool:
+  try:
+    return 'rng' in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def _examples(marks: list[_Mark], args: tuple) -> jax.Array:
+  """N: the kfax loss's number of examples, else the leading axis of the first batch array."""
+  if marks:
+    return marks[0].examples
+  for leaf in jax.tree.leaves(args):
+    if jnp.ndim(leaf):
+      return jnp.asarray(jnp.shape(leaf)[0], jnp.float32)
+  return jnp.ones((), jnp.float32)
 
 
 def value_grad_and_stats(
-    loss_fn: Callable[..., Any], *, has_aux: bool = False, fisher: str = 'empirical'
+    loss_fn: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    fisher: str = 'mc',
+    sequence: str = 'expand',
+    fallback: str = 'diagonal',
+    max_factor_dim: int = 8192,
 ) -> Callable[..., tuple[Any, Any, Stats]]:
   """Wraps a Flax loss to return the loss, its gradients and this batch's K-FAC statistics.
 
-  `loss_fn(params, *args, **kwargs)` must return a mean over examples (or `(loss, aux)` with
-  `has_aux=True`) and may call any Flax model, with mutable collections, anywhere inside. Every
-  `nn.Dense` and `nn.Conv` call is captured by its kernel's path in `params` ('Dense_0',
-  'Block_0/Conv_1', ...). Unsupported settings of those layers (grouped convs, masked kernels)
-  are reported with a warning and their parameters pass through `kfax.kfac` unchanged.
+  `loss_fn(params, *args, **kwargs)` returns a mean over examples (or `(loss, aux)` with
+  `has_aux=True`) and may apply any Flax linen model, with mutable collections and lifted
+  transforms (`nn.remat`, `nn.scan`, `nn.vmap`, `nn.jit`, `nn.RNN`), anywhere inside. Every call
+  of a layer kind in `kfax._kinds.KINDS` (Dense, DenseGeneral and attention, Einsum, Embed and
+  `Embed.attend`, Conv including grouped and depthwise, ConvTranspose, BatchNorm, LayerNorm,
+  GroupNorm, RMSNorm, InstanceNorm) is captured by its parameters' path in `params`; every other
+  parameter gets the `fallback`. `f.layers(params, *args, **kwargs)` returns the layer table
+  (one shape-only trace) that `kfax.kfac` and `kfax.summary` take.
 
   Args:
     loss_fn: the loss, differentiated with respect to its first argument.
     has_aux: whether `loss_fn` returns `(loss, aux)`.
-    fisher: `"empirical"` takes G from the gradients of the loss itself (any scalar mean loss);
-      `"mc"` takes G from one backward pass with targets sampled from the model's predictive
-      distribution (the Fisher proper), which needs the loss to be built from
-      `kfax.softmax_cross_entropy`, `kfax.sigmoid_binary_cross_entropy` or
-      `kfax.squared_error`, and an `rng` key.
+    fisher: `"mc"` (the default, the Fisher proper and what kfax's defaults were measured with):
+      G from one more backward pass with targets sampled from the model, which needs a loss
+      built from `kfax.softmax_cross_entropy`, `kfax.sigmoid_binary_cross_entropy` or
+      `kfax.squared_error` and an `rng` key; `"empirical"`: G from the loss's own gradients
+      (any scalar mean loss).
+    sequence: for layers that share weights over positions (sequence tokens, conv positions),
+      `"expand"` (the default; K-FAC-expand: positions are examples, exact for per-token losses)
+      or `"reduce"` (K-FAC-reduce: positions summed per example, exact for losses on pooled
+      outputs); Eschenhagen et al., NeurIPS 2023.
+    fallback: `"diagonal"` (a diagonal Fisher, `N g²` of the sampled gradient) or `"none"`
+      (gradients pass through) for parameters no captured layer uses.
+    max_factor_dim: a Kronecker side larger than this is kept diagonal instead of dense. 8192
+      keeps every factor of ResNet-50 (largest 4609) and of transformers up to d_model 2048
+      dense (at most 256 MiB a factor), and a vocabulary-sized side diagonal.
 
   Returns:
-    `f(params, *args, rng=None, **kwargs) -> (loss or (loss, aux), grads, stats)`, where `stats`
-    maps each captured layer to float32 `{'a_factor': (d_in, d_in), 'g_factor': (d_out, d_out)}`
-    (with a bias, d_in counts its homogeneous coordinate). Pass `stats` to
-    `kfax.kfac`'s update as the `stats=` extra argument.
+    `f(params, *args, rng=None, **kwargs) -> (loss or (loss, aux), grads, stats)`. `stats` maps
+    each table entry with curvature to its float32 statistics (see `kfax.LayerTable`); pass
+    them to `kfax.kfac`'s update as `stats=`. `rng` is the MC key; a `loss_fn` that takes an
+    `rng` argument itself (dropout) receives it too, and the MC sampling uses a key folded from
+    it. N, the number of examples, comes from the kfax loss (the positions `where` is true), or
+    else is the leading axis of the first array among `args`.
   """
   if fisher not in FISHER_TYPES:
     raise ValueError(
-        f'kfax.value_grad_and_stats: `fisher` must be one of {FISHER_TYPES}, got {fisher!r}.'
-    )
+        f'kfax.value_grad_and_stats: `fisher` must be one of {FISHER_TYPES}, got {fisher!r}.')
+  if sequence not in SEQUENCES:
+    raise ValueError(
+        f'kfax.value_grad_and_stats: `sequence` must be one of {SEQUENCES}, got {sequence!r}.')
+  if fallback not in FALLBACKS:
+    raise ValueError(
+        f'kfax.value_grad_and_stats: `fallback` must be one of {FALLBACKS}, got {fallback!r}.')
+  if not (isinstance(max_factor_dim, int) and max_factor_dim >= 1):
+    raise ValueError('kfax.value_grad_and_stats: `max_factor_dim` must be an integer >= 1, got'
+                     f' {max_factor_dim!r}.')
+  reduce = sequence == 'reduce'
+  takes_rng = _takes_rng(loss_fn)
 
   def run(params: Any, trace: _Trace, args: tuple, kwargs: dict) -> tuple[jax.Array, Any]:
     with _tracing(trace):
-      out = loss_fn(params, *args, **kwargs)
-    loss, aux = out if has_aux else (out, None)
-    if jnp.shape(loss) != ():
-      raise ValueError(
-          'kfax.value_grad_and_stats: loss_fn must return a scalar mean loss'
-          f'{" as the first element of (loss, aux)" if has_aux else ""}, got shape'
-          f' {jnp.shape(loss)}.'
-      )
-    return loss, aux
+      return _check_value(loss_fn(params, *args, **kwargs), has_aux)
+
+  def probe(params: Any, args: tuple, kwargs: dict) -> tuple[LayerTable, _Trace]:
+    traces: list[_Trace] = []
+
+    def shapes_only(p):
+      traces.append(_Trace(p, None, reduce))
+      return run(p, traces[0], args, kwargs)[0]
+
+    jax.eval_shape(shapes_only, params)
+    return build_table(traces[0], sequence, fallback, max_factor_dim), traces[0]
+
+  def layers(params: Any, *args: Any, rng: jax.Array | None = None, **kwargs: Any) -> LayerTable:
+    """The layer table of this loss at these params and arguments (one shape-only trace)."""
+    if takes_rng:
+      kwargs['rng'] = jax.random.key(0) if rng is None else rng
+    return probe(params, args, kwargs)[0]
 
   def value_grad_stats(params: Any, *args: Any, rng: jax.Array | None = None, **kwargs: Any):
     if fisher == 'mc' and rng is None:
       raise ValueError(
           'kfax.value_grad_and_stats: fisher="mc" samples targets and needs a PRNG key; call'
-          ' f(params, ..., rng=jax.random.key(step)).'
-      )
-    probe: list[_Trace] = []
-
-    def shapes_only(p):
-      probe.append(_Trace(p, None, mark_outputs=False))
-      run(p, probe[0], args, kwargs)
-      return probe[0].outputs_seen
-
-    layer_outputs = jax.eval_shape(shapes_only, params)
-    (probe,) = probe
-    if not probe.calls:
+          ' f(params, ..., rng=jax.random.key(step)), or pass fisher="empirical".')
+    if takes_rng:
+      kwargs['rng'] = rng
+      rng = None if rng is None else jax.random.fold_in(rng, 0x6B666178)
+    table, shapes = probe(params, args, kwargs)
+    if fisher == 'mc' and not shapes.marks:
       raise ValueError(
-          'kfax.value_grad_and_stats: loss_fn called no supported layer (flax.linen.Dense or'
-          ' flax.linen.Conv), so there is nothing to precondition.'
-      )
-    for key, reason in probe.unsupported.items():
-      warnings.warn(
-          f'kfax: layer {key!r} ({reason}) is not supported by K-FAC capture; its parameters'
-          ' pass through kfax.kfac unchanged.',
-          stacklevel=2,
-      )
-    # zeros_like keeps the output's type: under shard_map(check_vma=True) a device-varying
-    # perturbation, whose gradient is this device's dL/dy rather than its sum over devices.
-    perturbations = [jnp.zeros_like(s) for s in layer_outputs]
+          'kfax.value_grad_and_stats: fisher="mc" needs the loss to be built from'
+          ' kfax.softmax_cross_entropy, kfax.sigmoid_binary_cross_entropy or'
+          ' kfax.squared_error, which mark the distribution to sample from; use'
+          ' fisher="empirical" for any other loss.')
+    vma = {k: r.vma for k, r in shapes.records.items()}
+    accs = _accumulators(table, vma)
     traces: list[_Trace] = []
 
-    def forward(p, perts):
-      traces.append(_Trace(p, perts, mark_outputs=fisher == 'mc'))
-      loss, aux = run(p, traces[0], args, kwargs)
-      return (loss, [z for z, _ in traces[0].outputs]), (aux, traces[0].inputs)
+    def forward(p):
+      traces.append(_Trace(p, {}, reduce))
+      loss, aux = run(p, traces[-1], args, kwargs)
+      marks = traces[-1].marks
+      return (loss, [m.output for m in marks]), (aux, _examples(marks, args))
 
     with jax.named_scope('kfax/forward_backward'):
-      (loss, outputs), pullback, (aux, inputs) = jax.vjp(
-          forward, params, perturbations, has_aux=True
-      )
+      (loss, outputs), pullback, (aux, examples) = jax.vjp(
+          forward, _inject(params, accs), has_aux=True)
       (trace,) = traces
-      if [key for key, _ in trace.calls] != [key for key, _ in probe.calls]:
-        raise ValueError(
-            'kfax.value_grad_and_stats: loss_fn called the layers differently on two traces;'
-            ' it must be a pure function of its arguments.'
-        )
-      grads, dys = pullback((jnp.ones_like(loss), [jnp.zeros_like(z) for z in outputs]))
+      grads_aug, = pullback((jnp.ones_like(loss), [jnp.zeros_like(z) for z in outputs]))
+      grads, raw = _table.pop_all(grads_aug, ACC)
+      sampled = grads
       if fisher == 'mc':
-        if not outputs:
-          raise ValueError(
-              'kfax.value_grad_and_stats: fisher="mc" needs the loss to be built from'
-              ' kfax.softmax_cross_entropy, kfax.sigmoid_binary_cross_entropy or'
-              ' kfax.squared_error, which mark the distribution to sample from; use'
-              ' fisher="empirical" for any other loss.'
-          )
         keys = jax.random.split(rng, len(outputs))
-        cotangents = [
-            cot(k, z) for k, z, (_, cot) in zip(keys, outputs, trace.outputs, strict=True)
-        ]
-        _, dys = pullback((jnp.zeros_like(loss), cotangents))
-    stats = _accumulate(trace.calls, inputs, dys)
+        cotangents = [m.sampled_cotangent(k, z) for k, z, m in zip(keys, outputs, trace.marks,
+                                                                    strict=True)]
+        sampled_aug, = pullback((jnp.zeros_like(loss), cotangents))
+        sampled, raw = _table.pop_all(sampled_aug, ACC)
+    stats = _combine(table, raw, examples)
+    values = dict(_table.named_leaves(sampled))
+    for key, e in table.of('diagonal').items():
+      g = values[e.leaves[0]].astype(jnp.float32)
+      stats[key] = {'diag': examples * g * g}
     return ((loss, aux) if has_aux else loss), grads, stats
 
+  value_grad_stats.layers = layers
   return value_grad_stats

@@ -22,30 +22,70 @@ import numpy as np
 AxisName = Any  # str or tuple of str, as jax.lax collectives take them
 
 
-def pack_symmetric(mats: list[jax.Array], dtype: Any) -> jax.Array:
-  """The upper triangles of symmetric matrices, concatenated into one flat vector."""
-  parts = [m[jnp.triu_indices(m.shape[0])].astype(dtype) for m in mats]
-  return jnp.concatenate(parts)
+def _packs(x: jax.Array, symmetric: bool) -> bool:
+  return symmetric and x.ndim >= 2 and x.shape[-1] == x.shape[-2]
 
 
-def unpack_symmetric(flat: jax.Array, like: list[jax.Array]) -> list[jax.Array]:
-  """Inverse of `pack_symmetric`, in the dtypes of `like`."""
+def packed_size(shape: tuple[int, ...], symmetric: bool) -> int:
+  """Numbers of a statistic in a packed buffer: upper triangles of symmetric stacks."""
+  if symmetric and len(shape) >= 2 and shape[-1] == shape[-2]:
+    n = shape[-1]
+    return int(np.prod(shape[:-2])) * n * (n + 1) // 2
+  return int(np.prod(shape))
+
+
+def pack(mats: list[jax.Array], symmetric: list[bool], dtype: Any) -> jax.Array:
+  """One flat vector of the statistics: the upper triangles of symmetric (stacks of) matrices,
+  every other array whole."""
+  parts = []
+  for m, sym in zip(mats, symmetric):
+    if _packs(m, sym):
+      rows, cols = np.triu_indices(m.shape[-1])
+      parts.append(m[..., rows, cols].reshape(-1).astype(dtype))
+    else:
+      parts.append(m.reshape(-1).astype(dtype))
+  return jnp.concatenate(parts) if parts else jnp.zeros((0,), dtype)
+
+
+def unpack(flat: jax.Array, like: list[Any], symmetric: list[bool]) -> list[jax.Array]:
+  """Inverse of `pack`, in the shapes and dtypes of `like`."""
   out, offset = [], 0
-  for m in like:
-    n = m.shape[0]
-    rows, cols = np.triu_indices(n)
-    size = rows.size
-    upper = jnp.zeros((n, n), m.dtype).at[rows, cols].set(flat[offset:offset + size].astype(m.dtype))
-    out.append(upper + jnp.triu(upper, 1).T)
+  for m, sym in zip(like, symmetric):
+    size = packed_size(m.shape, sym)
+    part = flat[offset:offset + size].astype(m.dtype)
     offset += size
+    if sym and len(m.shape) >= 2 and m.shape[-1] == m.shape[-2]:
+      n = m.shape[-1]
+      rows, cols = np.triu_indices(n)
+      upper = jnp.zeros(m.shape, m.dtype).at[..., rows, cols].set(
+          part.reshape(m.shape[:-2] + (rows.size,)))
+      out.append(upper + jnp.swapaxes(jnp.triu(upper, 1), -1, -2))
+    else:
+      out.append(part.reshape(m.shape))
   return out
 
 
-def mean_statistics(stats: Any, axis_name: AxisName, comm_dtype: Any) -> Any:
-  """Averages symmetric factor statistics across devices in one packed all-reduce."""
+def pack_symmetric(mats: list[jax.Array], dtype: Any) -> jax.Array:
+  """The upper triangles of symmetric matrices, concatenated into one flat vector."""
+  return pack(mats, [True] * len(mats), dtype)
+
+
+def unpack_symmetric(flat: jax.Array, like: list[Any]) -> list[jax.Array]:
+  """Inverse of `pack_symmetric`, in the dtypes of `like`."""
+  return unpack(flat, like, [True] * len(like))
+
+
+def mean_statistics(
+    stats: Any, axis_name: AxisName, comm_dtype: Any, symmetric: list[bool] | None = None
+) -> Any:
+  """Averages the statistics across devices in one packed all-reduce; `symmetric` (per leaf,
+  default: every square matrix) says which are packed as upper triangles."""
   leaves, treedef = jax.tree.flatten(stats)
-  flat = jax.lax.pmean(pack_symmetric(leaves, comm_dtype), axis_name)
-  return jax.tree.unflatten(treedef, unpack_symmetric(flat, leaves))
+  if symmetric is None:
+    symmetric = [True] * len(leaves)
+  flat = jax.lax.pmean(pack(leaves, symmetric, comm_dtype), axis_name)
+  return jax.tree.unflatten(treedef, unpack(flat, leaves, symmetric))
+
 
 
 def assign(costs: dict[Hashable, float], devices: int) -> list[list[Hashable]]:

@@ -1,10 +1,10 @@
-"""`kfax.kfac`: K-FAC preconditioning as an optax gradient transformation."""
+"""`kfax.kfac`: K-FAC preconditioning as an optax gradient transformation, around the layer table."""
 
 from __future__ import annotations
 
+import difflib
 import functools
 import numbers
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -13,29 +13,24 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from kfax import _distributed, _inverse, _sharded
+from kfax import _curvature, _distributed, _inverse, _sharded, _table
 from kfax._capture import Stats
-from kfax._params import LayerSlots, find_layers, gradient_matrix, set_gradient_matrix
+from kfax._table import Entry, LayerTable
 
 DAMPING_MODES = ('eigen', 'factored')
 GATHERS = ('decompositions', 'gradients')
+_MISSING = object()
 
 
 class KfacState(NamedTuple):
-  """K-FAC state: every per-layer field is a dict keyed by the layer's path ('Dense_0', ...)."""
+  """K-FAC state: every per-layer field is a dict keyed by the layer table's keys."""
 
   count: jax.Array  # shape=(), int32: updates so far.
-  stats_count: dict[str, jax.Array]  # shape=(), int32: statistics each layer has absorbed.
-  a_factor: dict[str, jax.Array]  # (d_in, d_in) float32, EMA of A (bias coordinate last).
-  g_factor: dict[str, jax.Array]  # (d_out, d_out) float32, EMA of G.
-  a_eigvals: dict[str, jax.Array]  # (d_in,) float32, "eigen" mode only.
-  a_eigvecs: dict[str, jax.Array]  # (d_in, d_in) float32, "eigen" mode only.
-  g_eigvals: dict[str, jax.Array]  # (d_out,) float32, "eigen" mode only.
-  g_eigvecs: dict[str, jax.Array]  # (d_out, d_out) float32, "eigen" mode only.
-  a_inverse: dict[str, jax.Array]  # (d_in, d_in) float32, damped, "factored" mode only.
-  g_inverse: dict[str, jax.Array]  # (d_out, d_out) float32, damped, "factored" mode only.
-  shard: jax.Array | None  # gather="gradients" only: this device's share of the above, flat.
-  skipped_stats: jax.Array  # shape=(), int32: steps whose non-finite stats were ignored.
+  stats_count: dict[str, jax.Array]  # shape=(), int32: statistics each entry has absorbed.
+  factors: dict[str, dict[str, jax.Array]]  # EMA of the statistics (see kfax.LayerTable).
+  decompositions: dict[str, dict[str, jax.Array]]  # Kronecker: eigen- or damped inverses.
+  shard: jax.Array | None  # gather="gradients" only: this device's Kronecker curvature, flat.
+  skipped_stats: jax.Array  # shape=(), int32: steps some of whose statistics were non-finite.
   failed_refreshes: jax.Array  # shape=(), int32: refreshes that kept a last good decomposition.
 
 
@@ -68,7 +63,175 @@ def _at(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
   return jnp.asarray(value(count) if callable(value) else value, jnp.float32)
 
 
+class _Config(NamedTuple):
+  """The static choices of one `kfac` transformation."""
+
+  table: LayerTable
+  eigen: bool
+  axis_name: Any
+  comm_dtype: Any
+  sharded: bool
+  mesh: Any
+
+  @property
+  def kronecker(self) -> dict[str, Entry]:
+    return self.table.of('kronecker')
+
+  @property
+  def curved(self) -> dict[str, Entry]:
+    return {k: e for k, e in self.table.entries.items() if e.curvature != 'none'}
+
+  def layout(self) -> _sharded.Layout | None:
+    if not self.sharded:
+      return None
+    try:
+      devices = jax.lax.psum(1, self.axis_name)
+    except NameError as e:
+      raise ValueError(
+          f"kfax.kfac(gather='gradients'): the axis {self.axis_name!r} is not bound; each device"
+          ' holds its own share of the state, so call init and update inside jax.pmap /'
+          ' jax.shard_map over that axis (see kfax.partition_specs).') from e
+    return _sharded.layout(self.kronecker, devices, self.eigen)
+
+
+def _init(config: _Config, params: Any) -> KfacState:
+  _check_params(config.table, params)
+  zero = lambda: jnp.zeros((), jnp.int32)  # one buffer per leaf, so the state can be donated
+  replicated = {k: e for k, e in config.curved.items()
+                if not (config.sharded and e.curvature == 'kronecker')}
+  layout = config.layout()
+  return KfacState(
+      count=zero(),
+      stats_count={k: zero() for k in config.curved},
+      factors={k: _curvature.init_factors(e) for k, e in replicated.items()},
+      decompositions={} if config.sharded else {
+          k: _curvature.init_decompositions(e, config.eigen) for k, e in config.kronecker.items()},
+      shard=None if layout is None else jnp.zeros((layout.shard_size,), jnp.float32),
+      skipped_stats=zero(), failed_refreshes=zero())
+
+
+def _absorb(config: _Config, state: KfacState, stats: Stats, decay: jax.Array,
+            layout: _sharded.Layout | None) -> KfacState:
+  """EMA of the factors with this batch's statistics; an entry whose statistics are non-finite
+  keeps its factors. The first statistics replace the initial identity."""
+  weights = {k: jnp.where(state.stats_count[k] > 0, decay, 0.0) for k in stats}
+  local = {k: s for k, s in stats.items() if layout is None or k not in config.kronecker}
+  if config.axis_name is not None and config.mesh is None and local:
+    with jax.named_scope('kfax/all_reduce_stats'):
+      symmetric = [_curvature.symmetric(n) and not (n.endswith('_factor') and
+                   config.table.entries[k].diag['ag'.index(n[0])])
+                   for k in local for n in sorted(local[k])]
+      local = _distributed.mean_statistics(local, config.axis_name, config.comm_dtype, symmetric)
+  finite = {k: _inverse.all_finite(s) for k, s in local.items()}
+  if layout is not None:
+    mine = {k: stats[k] for k in config.kronecker}
+    finite.update(_sharded.all_finite_by_layer(mine, config.axis_name))
+    with jax.named_scope('kfax/reduce_scatter_stats'):
+      chunk = _sharded.scatter_statistics(mine, layout, config.axis_name, config.comm_dtype)
+    kept = {k: jnp.where(finite[k], weights[k], 1.0) for k in mine}
+    state = state._replace(shard=_sharded.absorb(state.shard, chunk, kept, layout,
+                                                 config.axis_name))
+  factors = dict(state.factors)
+  for key, new in local.items():
+    w = jnp.where(finite[key], weights[key], 1.0)
+    factors[key] = {n: w * old + (1 - w) * new[n] for n, old in state.factors[key].items()}
+  any_bad = jnp.zeros((), bool)
+  for ok in finite.values():
+    any_bad = any_bad | ~ok
+  stats_count = {k: c + finite[k].astype(jnp.int32) if k in finite else c
+                 for k, c in state.stats_count.items()}
+  return state._replace(factors=factors, stats_count=stats_count,
+                        skipped_stats=state.skipped_stats + any_bad.astype(jnp.int32))
+
+
+def _refresh(config: _Config, state: KfacState, damping: jax.Array,
+             layout: _sharded.Layout | None) -> KfacState:
+  """New decompositions of every Kronecker entry; one that is non-finite keeps its last good one."""
+  if layout is not None:
+    shard, failed = _sharded.refresh(state.shard, damping, config.kronecker, layout,
+                                     config.axis_name, config.eigen)
+    return state._replace(shard=shard,
+                          failed_refreshes=state.failed_refreshes + failed.astype(jnp.int32))
+  split = None
+  if config.axis_name is not None:
+    split = lambda fn, work: _distributed.split_work(fn, work, config.axis_name)
+    if config.mesh is not None:  # plain jit: split across the mesh axis in an inner shard_map
+      inner = split
+      split = lambda fn, work: jax.shard_map(functools.partial(inner, fn), mesh=config.mesh,
+                                             in_specs=P(), out_specs=P())(work)
+  factors = {k: state.factors[k] for k in config.kronecker}
+  new, ok = _curvature.refresh(config.kronecker, factors, damping, config.eigen, split)
+  decompositions, failed = {}, jnp.zeros((), bool)
+  for key in config.kronecker:
+    old = state.decompositions[key]
+    decompositions[key] = {n: jnp.where(ok[key], v, old[n]) for n, v in new[key].items()}
+    failed = failed | ~ok[key]
+  return state._replace(decompositions=decompositions,
+                        failed_refreshes=state.failed_refreshes + failed.astype(jnp.int32))
+
+
+def _precondition(config: _Config, state: KfacState, grads: dict[str, jax.Array],
+                  damping: jax.Array, layout: _sharded.Layout | None) -> dict[str, jax.Array]:
+  out = {}
+  if layout is not None:
+    kron = {k: grads[k] for k in config.kronecker}
+    out.update(_sharded.precondition(kron, state.shard, damping, config.kronecker, layout,
+                                     config.axis_name, config.eigen))
+  for key, x in grads.items():
+    if key not in out:
+      out[key] = _curvature.precondition(
+          config.table.entries[key], x, state.factors.get(key), state.decompositions.get(key),
+          damping, config.eigen)
+  return out
+
+
+def _constrain(vs: dict, grads: dict, ready: dict, norm_constraint: float) -> dict:
+  """Scales the updates by `min(1, sqrt(c / vᵀg))` over the preconditioned entries whose `vᵀg`
+  is finite: a non-finite layer keeps its own update and leaves the others' scale alone."""
+  terms = [jnp.vdot(vs[k], grads[k].astype(jnp.float32)) for k in vs]
+  inner = jnp.zeros((), jnp.float32)
+  for k, t in zip(vs, terms):
+    inner = inner + jnp.where(ready[k] & jnp.isfinite(t), t, 0.0)
+  scale = jnp.minimum(1.0, jnp.sqrt(norm_constraint / jnp.maximum(inner, 1e-30)))
+  return {k: jnp.where(ready[k], v * scale, v) for k, v in vs.items()}
+
+
+def _update(config: _Config, hyper: dict, updates: Any, state: KfacState,
+            stats: Stats | None) -> tuple[Any, KfacState]:
+  _check_params(config.table, updates, 'updates')
+  layout = config.layout()
+  damping = _at(hyper['damping'], state.count)
+  first = jnp.zeros((), bool)
+  if stats is not None:
+    _check_stats(config.table, stats)
+    with jax.named_scope('kfax/factors'):
+      before = state.stats_count
+      state = _absorb(config, state, stats, _at(hyper['ema_decay'], state.count), layout)
+      for k in config.kronecker:
+        first = first | ((before[k] == 0) & (state.stats_count[k] > 0))
+  if config.kronecker:
+    with jax.named_scope('kfax/refresh'):
+      due = (state.count % hyper['inverse_every'] == 0) | first
+      state = jax.lax.cond(due, functools.partial(_refresh, config, layout=layout),
+                           lambda s, _: s, state, damping)
+  leaves, treedef = jax.tree.flatten(updates)
+  values = dict(zip(config.table.shapes, leaves))
+  curved = config.curved
+  grads = {k: _table.to_matrix(e, values) for k, e in curved.items()}
+  ready = {k: state.stats_count[k] > 0 for k in curved}
+  with jax.named_scope('kfax/precondition'):
+    vs = _precondition(config, state, grads, damping, layout)
+    vs = {k: jnp.where(ready[k], v, grads[k].astype(v.dtype)) for k, v in vs.items()}
+  if hyper['norm_constraint'] is not None and vs:
+    vs = _constrain(vs, grads, ready, hyper['norm_constraint'])
+  for key, e in curved.items():
+    values.update(_table.from_matrix(e, vs[key], values))
+  state = state._replace(count=optax.safe_increment(state.count))
+  return jax.tree.unflatten(treedef, list(values.values())), state
+
+
 def kfac(
+    layers: LayerTable,
     damping: optax.ScalarOrSchedule = 1e-4,
     ema_decay: optax.ScalarOrSchedule = 0.95,
     inverse_every: int = 10,
@@ -159,6 +322,11 @@ def kfac(
     >>> jax.tree.map(jnp.shape, updates)
     {'bias': (3,), 'kernel': (4, 3)}
   """
+  if not isinstance(layers, LayerTable):
+    raise TypeError(
+        'kfax.kfac: the first argument is the layer table of the loss,'
+        ' `kfax.value_grad_and_stats(loss_fn).layers(params, *batch)`; got'
+        f' {type(layers).__name__}.')
   _check('damping', damping, lambda v: v > 0,
          'must be > 0; pass a positive float or an optax schedule')
   _check('ema_decay', ema_decay, lambda v: 0 <= v <= 1,
@@ -168,8 +336,7 @@ def kfac(
   _check('norm_constraint', norm_constraint, lambda v: v > 0, 'must be > 0, or None for no bound')
   if damping_mode not in DAMPING_MODES:
     raise ValueError(
-        f'kfax.kfac: `damping_mode` must be one of {DAMPING_MODES}, got {damping_mode!r}.'
-    )
+        f'kfax.kfac: `damping_mode` must be one of {DAMPING_MODES}, got {damping_mode!r}.')
   comm_dtype = jnp.dtype(comm_dtype)
   if comm_dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise ValueError(
@@ -188,193 +355,50 @@ def kfac(
     raise ValueError(
         "kfax.kfac: gather='gradients' runs inside pmap / shard_map, not under plain jit with"
         ' `mesh`; wrap the step in jax.shard_map, or use the default gather.')
-  eigen = damping_mode == 'eigen'
+  config = _Config(layers, damping_mode == 'eigen', axis_name, comm_dtype, sharded, mesh)
+  hyper = dict(damping=damping, ema_decay=ema_decay, inverse_every=inverse_every,
+               norm_constraint=norm_constraint)
 
-  def layout(layers: dict[str, LayerSlots]) -> _sharded.Layout:
-    try:
-      devices = jax.lax.psum(1, axis_name)
-    except NameError as e:
-      raise ValueError(
-          f"kfax.kfac(gather='gradients'): the axis {axis_name!r} is not bound; each device"
-          ' holds its own share of the state, so call init and update inside jax.pmap /'
-          ' jax.shard_map over that axis (see kfax.partition_specs).') from e
-    return _sharded.layout({k: s.dims for k, s in layers.items()}, devices, eigen)
+  def update_fn(updates, state, params=None, *, stats=_MISSING, **extra_args):
+    del params
+    if stats is _MISSING:
+      close = difflib.get_close_matches('stats', list(extra_args), n=1, cutoff=0.6)
+      raise TypeError(
+          'kfax.kfac: update needs the statistics of this step, `tx.update(grads, state, params,'
+          ' stats=stats)` with `stats` from kfax.value_grad_and_stats, or an explicit'
+          ' `stats=None` on steps that computed none'
+          + (f' (got `{close[0]}=`: a misspelling?).' if close else '.'))
+    return _update(config, hyper, updates, state, stats)
 
-  def init_fn(params: optax.Params) -> KfacState:
-    layers = find_layers(params)
-    zero = lambda: jnp.zeros((), jnp.int32)  # one buffer per leaf, so the state can be donated
-    state = KfacState(
-        count=zero(), stats_count={k: zero() for k in layers}, a_factor={}, g_factor={},
-        a_eigvals={}, a_eigvecs={}, g_eigvals={}, g_eigvecs={}, a_inverse={}, g_inverse={},
-        shard=None, skipped_stats=zero(), failed_refreshes=zero())
-    if sharded:  # never read before the first statistics replace the factors
-      return state._replace(shard=jnp.zeros((layout(layers).shard_size,), jnp.float32))
-    eye = lambda side: {k: jnp.eye(s.dims[side], dtype=jnp.float32) for k, s in layers.items()}
-    ones = lambda side: {k: jnp.ones((s.dims[side],), jnp.float32) for k, s in layers.items()}
-    state = state._replace(a_factor=eye(0), g_factor=eye(1))
-    if eigen:
-      return state._replace(a_eigvals=ones(0), a_eigvecs=eye(0), g_eigvals=ones(1),
-                            g_eigvecs=eye(1))
-    return state._replace(a_inverse=eye(0), g_inverse=eye(1))
-
-  def absorb(state: KfacState, stats: Stats, shards: _sharded.Layout | None) -> KfacState:
-    """EMA of the factors with this batch's statistics, unless they are non-finite."""
-    decay = _at(ema_decay, state.count)
-    weights = {k: jnp.where(state.stats_count[k] > 0, decay, 0.0) for k in stats}  # first replace
-    if shards is not None:
-      with jax.named_scope('kfax/reduce_scatter_stats'):
-        chunk, finite = _sharded.scatter_statistics(stats, shards, axis_name, comm_dtype)
-      state = state._replace(
-          shard=_sharded.absorb(state.shard, chunk, finite, weights, shards, axis_name))
-    else:
-      if axis_name is not None and mesh is None:
-        with jax.named_scope('kfax/all_reduce_stats'):
-          stats = _distributed.mean_statistics(stats, axis_name, comm_dtype)
-      finite = _inverse.all_finite(stats)
-      factors = {'a_factor': dict(state.a_factor), 'g_factor': dict(state.g_factor)}
-      for key, new in stats.items():
-        for name, side in factors.items():
-          old, w = side[key], weights[key]
-          side[key] = jnp.where(finite, w * old + (1 - w) * new[name].astype(old.dtype), old)
-      state = state._replace(**factors)
-    stats_count = {k: c + finite.astype(jnp.int32) if k in stats else c
-                   for k, c in state.stats_count.items()}
-    return state._replace(stats_count=stats_count,
-                          skipped_stats=state.skipped_stats + (~finite).astype(jnp.int32))
-
-  def refresh(
-      state: KfacState, damping_now: jax.Array, shards: _sharded.Layout | None
-  ) -> KfacState:
-    """New decompositions; a layer whose result is non-finite keeps its last good one."""
-    if shards is not None:
-      shard, failed = _sharded.refresh(state.shard, damping_now, shards, axis_name)
-      return state._replace(
-          shard=shard, failed_refreshes=state.failed_refreshes + failed.astype(jnp.int32))
-    work = {}
-    for key, a in state.a_factor.items():
-      g = state.g_factor[key]
-      work[('a', key)], work[('g', key)] = (
-          (a, g) if eigen else _inverse.factored_damping(a, g, damping_now))
-    decompose = _inverse.eigendecompose if eigen else _inverse.invert
-    split = lambda work: _distributed.split_work(decompose, work, axis_name)
-    if mesh is not None:  # plain jit: split across the mesh axis in an inner shard_map
-      done = jax.shard_map(split, mesh=mesh, in_specs=P(), out_specs=P())(work)
-    else:
-      done = decompose(work) if axis_name is None else split(work)
-    names = (('eigvals', 'eigvecs') if eigen else ('inverse',))
-    failed = jnp.array(False)
-    new = {f'{side}_{name}': {} for side in 'ag' for name in names}
-    for key in state.a_factor:
-      ok = _inverse.all_finite([done[('a', key)], done[('g', key)]])
-      failed = failed | ~ok
-      for side in 'ag':
-        for name, value in zip(names, done[(side, key)]):
-          field = f'{side}_{name}'
-          new[field][key] = jnp.where(ok, value, getattr(state, field)[key])
-    return state._replace(**new, failed_refreshes=state.failed_refreshes + failed.astype(jnp.int32))
-
-  def precondition(
-      grads: dict[str, jax.Array], state: KfacState, damping_now: jax.Array,
-      shards: _sharded.Layout | None,
-  ) -> dict[str, jax.Array]:
-    if shards is not None:
-      return _sharded.precondition(grads, state.shard, damping_now, shards, axis_name)
-    if eigen:
-      return {k: _inverse.precondition_eigen(x, state.a_eigvecs[k], state.a_eigvals[k],
-                                             state.g_eigvecs[k], state.g_eigvals[k], damping_now)
-              for k, x in grads.items()}
-    return {k: _inverse.precondition_factored(x, state.a_inverse[k], state.g_inverse[k])
-            for k, x in grads.items()}
-
-  def update_fn(
-      updates: optax.Updates,
-      state: KfacState,
-      params: optax.Params | None = None,
-      *,
-      stats: Stats | None = None,
-      **extra_args: Any,
-  ) -> tuple[optax.Updates, KfacState]:
-    del params, extra_args
-    layers = find_layers(updates)
-    shards = layout(layers) if sharded else None
-    _check_layers(layers, state, shards)
-    damping_now = _at(damping, state.count)
-    first_stats = jnp.array(False)
-    if stats is not None:
-      _check_stats(stats, layers)
-      with jax.named_scope('kfax/factors'):
-        before = state.stats_count
-        state = absorb(state, stats, shards)
-        first_stats = jnp.any(jnp.stack(
-            [(before[k] == 0) & (state.stats_count[k] > 0) for k in stats]))
-    with jax.named_scope('kfax/refresh'):
-      due = (state.count % inverse_every == 0) | first_stats
-      state = jax.lax.cond(due, functools.partial(refresh, shards=shards),
-                           lambda s, _: s, state, damping_now)
-    leaves, treedef = jax.tree.flatten(updates)
-    grads = {key: gradient_matrix(leaves, slots) for key, slots in layers.items()}
-    ready = {key: state.stats_count[key] > 0 for key in layers}
-    with jax.named_scope('kfax/precondition'):
-      vs = precondition(grads, state, damping_now, shards)
-      vs = {k: jnp.where(ready[k], vs[k], x) for k, x in grads.items()}
-    if norm_constraint is not None:
-      inner = sum((jnp.where(ready[k], jnp.vdot(vs[k], x), 0.0) for k, x in grads.items()),
-                  jnp.zeros((), jnp.float32))
-      scale = jnp.minimum(1.0, jnp.sqrt(norm_constraint / jnp.maximum(inner, 1e-30)))
-      vs = {k: jnp.where(ready[k], v * scale, v) for k, v in vs.items()}
-    out = list(leaves)
-    for key, slots in layers.items():
-      set_gradient_matrix(out, slots, vs[key])
-    state = state._replace(count=optax.safe_increment(state.count))
-    return jax.tree.unflatten(treedef, out), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(functools.partial(_init, config), update_fn)
 
 
-def _check_layers(
-    layers: dict[str, LayerSlots], state: KfacState, shards: _sharded.Layout | None
-) -> None:
-  unknown = sorted(set(layers) - set(state.stats_count))
-  if unknown:
+def _check_params(table: LayerTable, tree: Any, what: str = 'params') -> None:
+  shapes = {p: tuple(jnp.shape(v)) for p, v in _table.named_leaves(tree)}
+  if shapes != table.shapes:
+    missing = sorted(set(table.shapes) - set(shapes))[:5]
+    extra = sorted(set(shapes) - set(table.shapes))[:5]
+    changed = sorted(p for p in set(shapes) & set(table.shapes)
+                     if shapes[p] != table.shapes[p])[:5]
     raise ValueError(
-        f'kfax.kfac: the updates have layers {unknown} that the state does not; init and update'
-        ' must see trees of the same structure.')
-  for key, slots in layers.items():
-    if key in state.a_factor and (
-        state.a_factor[key].shape[0], state.g_factor[key].shape[0]) != slots.dims:
-      raise ValueError(
-          f'kfax.kfac: layer {key!r} has kernel shape {slots.kernel_shape}, which does not match'
-          f' the factors in the state {state.a_factor[key].shape}, {state.g_factor[key].shape};'
-          ' init the optimizer with the params you update.')
-  missing = sorted(set(state.stats_count) - set(layers))
-  if missing:
-    raise ValueError(f'kfax.kfac: the updates lack the layers {missing} that init saw.')
-  if shards is not None and state.shard.shape != (shards.shard_size,):
-    raise ValueError(
-        f'kfax.kfac: `state.shard` has shape {state.shard.shape}, but these layers on'
-        f' {shards.devices} devices need ({shards.shard_size},); init inside the same pmap /'
-        ' shard_map (kfax.partition_specs), with the params you update.')
+        f'kfax.kfac: the {what} do not match the layer table the optimizer was built with'
+        f' (missing {missing}, unknown {extra}, other shapes {changed}); build the table from'
+        ' the same params tree that init and update see.')
 
 
-def _check_stats(stats: Stats, layers: dict[str, LayerSlots]) -> None:
-  unknown = sorted(set(stats) - set(layers))
-  if unknown:
+def _check_stats(table: LayerTable, stats: Any) -> None:
+  want = {k: e.stat_shapes() for k, e in table.entries.items() if e.curvature != 'none'}
+  if not isinstance(stats, dict):
+    raise TypeError(
+        'kfax.kfac: `stats` must be the dict of statistics from kfax.value_grad_and_stats'
+        f' (its third output), got {type(stats).__name__}.')
+  got = {k: {n: tuple(jnp.shape(v)) for n, v in s.items()} if isinstance(s, dict) else None
+         for k, s in stats.items()}
+  if got != want:
+    missing = sorted(set(want) - set(got))[:5]
+    unknown = sorted(set(got) - set(want))[:5]
+    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])[:5]
     raise ValueError(
-        f'kfax.kfac: statistics for {unknown}, which are not kernels of the params given to'
-        f' init (layers: {sorted(layers)}); pass the same params tree to the loss and'
-        ' to init.')
-  for key, new in stats.items():
-    d_in, d_out = layers[key].dims
-    want = ((d_in, d_in), (d_out, d_out))
-    got = (jnp.shape(new['a_factor']), jnp.shape(new['g_factor']))
-    if want != got:
-      raise ValueError(
-          f'kfax.kfac: layer {key!r}: capture saw factors of shapes A {got[0]}, G {got[1]} but'
-          f' its kernel (and bias) needs A {want[0]}, G {want[1]}; the module at {key!r} does not'
-          ' use the kernel stored there as a Dense/Conv kernel.')
-  missing = sorted(set(layers) - set(stats))
-  if missing:
-    warnings.warn(
-        f'kfax.kfac: no statistics for {missing} (not called as nn.Dense / nn.Conv in the loss,'
-        ' or unsupported); their gradients pass through unchanged. Route them elsewhere with'
-        ' optax.partition to save their factor state.', stacklevel=3)
+        'kfax.kfac: `stats` do not match the layer table (missing'
+        f' {missing}, unknown {unknown}, other shapes {wrong}); compute them with the'
+        ' value_grad_and_stats whose .layers(...) built this optimizer, on the same params.')

@@ -1,0 +1,478 @@
+"""Layer kinds: the one table of what kfax captures in a Flax model, and how.
+
+A kind says which modules it matches (`match`), what each call saves for the statistics
+(`save`), how a call's saved values and output gradient give its statistics (`statistics`), and
+how its parameters form the matrix its curvature acts on (`Spec.layout`). Capture, the state,
+preconditioning and `kfax.summary` all read this table; nothing else knows a Flax class.
+
+Conventions, for a call with rows `m` (the positions the weights are shared over: every leading
+axis of a Dense input, every output position of a conv), per-row input `a` (with a trailing 1
+for a bias) and output gradient `dy = dL/dy` of a loss that is a mean over `N` examples:
+
+- Kronecker kinds, `sequence="expand"` (positions are examples; K-FAC-expand):
+  `A = (1/M) Σ_m a aᵀ`, `G = N Σ_m dy dyᵀ`, so `A ⊗ G = (1/N) Σ_m (a aᵀ) ⊗ (ĝ ĝᵀ)` for one row per
+  example, `ĝ = N dy` being the row's gradient of its example's loss.
+- Kronecker kinds, `sequence="reduce"` (positions summed per example; K-FAC-reduce): with `ā_e`
+  the mean of example `e`'s rows and `s_e` the sum of its output gradients,
+  `A = (1/E) Σ_e ā ā ᵀ`, `G = N Σ_e s sᵀ`.
+- Unit-wise kinds (norms; SP-NGD): per channel `c` the Fisher of `(scale_c, bias_c)`,
+  `F_c = N Σ [u v]ᵀ[u v]` with `u = Σ dy x̂`, `v = Σ dy` summed per row (expand) or per example
+  (reduce), `x̂` the normalized input recomputed by the module itself without scale and bias.
+
+`N` is applied after the pass (`_capture.py`) since it is known only once the loss has run.
+A module called several times adds its `A` (and unit-wise) terms and averages its `G` terms.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_LETTERS = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'
+
+
+class Reshape(NamedTuple):
+  """A parameter as matrix blocks: reshape to `pre`, transpose by `perm`, reshape to `out`."""
+
+  pre: tuple[int, ...]
+  perm: tuple[int, ...]
+  out: tuple[int, ...]
+
+  def forward(self, x: jax.Array, stack: tuple[int, ...]) -> jax.Array:
+    s = len(stack)
+    x = x.reshape(stack + self.pre).transpose(tuple(range(s)) + tuple(p + s for p in self.perm))
+    return x.reshape(stack + self.out)
+
+  def backward(self, x: jax.Array, stack: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
+    s = len(stack)
+    x = x.reshape(stack + tuple(self.pre[p] for p in self.perm))
+    x = x.transpose(tuple(range(s)) + tuple(int(i) + s for i in np.argsort(self.perm)))
+    return x.reshape(stack + shape)
+
+
+class Spec(NamedTuple):
+  """What one call of a matched module is, statically (hashable)."""
+
+  kind: str  # 'dense', 'conv', 'embed' or 'norm'
+  role: str  # 'apply', or 'lookup' / 'attend' for an Embed
+  params: tuple[str, ...]  # the module's parameters this call uses
+  shapes: tuple[tuple[int, ...], ...]  # their per-call shapes
+  curvature: str  # 'kronecker' or 'unitwise'
+  blocks: int  # independent Kronecker blocks of one call (groups, DenseGeneral batch_dims)
+  dims: tuple[int, int]  # Kronecker: (A side, G side); unit-wise: (channels, parameters)
+  layout: tuple[Reshape, ...]  # per parameter, how it becomes (blocks, rows, cols) / (C, 1)
+  n_scaled: tuple[bool, bool]  # which statistic sides the loss's N multiplies
+  config: Any = None  # kind-specific static data for `statistics`
+
+
+class Unsupported(NamedTuple):
+  """A module of a known kind in a setting capture cannot describe: the fallback, with why."""
+
+  reason: str
+
+
+Match = Spec | Unsupported | None
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _with_ones(a: jax.Array) -> jax.Array:
+  return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+
+
+def kronecker_terms(
+    a: jax.Array, dy: jax.Array, reduce: bool, diag: tuple[bool, bool]
+) -> dict[str, jax.Array]:
+  """A and (unscaled) G of rows `a` `(E, R, B, d_a)` and `dy` `(E, R, B, d_g)`: E examples of R
+  positions each, B blocks. Expand treats all E*R rows as examples; reduce averages `a` and sums
+  `dy` over each example's positions first. A diagonal side keeps only its diagonal."""
+  a, dy = _f32(a), _f32(dy)
+  if reduce:
+    a, dy = a.mean(1, keepdims=True), dy.sum(1, keepdims=True)
+  rows = a.shape[0] * a.shape[1]
+  second = lambda x, d: (jnp.einsum('erbi,erbi->bi', x, x) if d
+                         else jnp.einsum('erbi,erbj->bij', x, x))
+  return {'a_factor': second(a, diag[0]) / rows, 'g_factor': second(dy, diag[1])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear maps: Dense, DenseGeneral, Einsum, Embed.attend. One einsum `x, kernel -> y`.
+
+
+class Linear(NamedTuple):
+  """`y = einsum(x, kernel)`: letters of x, kernel and y; bias letters (kernel's, in y order)."""
+
+  x: str
+  kernel: str
+  y: str
+  bias: str | None
+
+  def groups(self) -> tuple[str, str, str, str]:
+    """(rows, batch, in, out) letters: rows are x's and y's only, batch all three's."""
+    rows = ''.join(c for c in self.x if c in self.y and c not in self.kernel)
+    batch = ''.join(c for c in self.kernel if c in self.x and c in self.y)
+    ins = ''.join(c for c in self.kernel if c in self.x and c not in self.y)
+    outs = ''.join(c for c in self.kernel if c in self.y and c not in self.x)
+    return rows, batch, ins, outs
+
+
+def _linear_spec(lin: Linear, kernel_shape: tuple[int, ...], role: str, params: tuple[str, ...],
+                 shapes: tuple[tuple[int, ...], ...]) -> Match:
+  rows, batch, ins, outs = lin.groups()
+  if any(c not in lin.x + lin.kernel for c in lin.y):
+    return Unsupported('an output axis from neither operand')
+  summed = [c for c in lin.x + lin.kernel if c not in lin.y and not (c in lin.x and c in lin.kernel)]
+  if summed or len(set(lin.x)) != len(lin.x) or len(set(lin.kernel)) != len(lin.kernel):
+    return Unsupported('an operand summed over, or repeated, outside the contraction')
+  if not rows:
+    return Unsupported('no axis of the input that the weights are shared over')
+  size = dict(zip(lin.kernel, kernel_shape))
+  n = lambda letters: math.prod(size[c] for c in letters)
+  b, d_in, d_out = n(batch), n(ins), n(outs)
+  kernel = Reshape(kernel_shape, tuple(lin.kernel.index(c) for c in batch + ins + outs),
+                   (b, d_in, d_out))
+  layout = [kernel]
+  if lin.bias is not None:
+    bias_shape = tuple(size[c] for c in lin.bias)
+    layout.append(Reshape(bias_shape, tuple(lin.bias.index(c) for c in batch + outs),
+                          (b, 1, d_out)))
+  attend = role == 'attend'
+  return Spec(kind='embed' if attend else 'dense', role=role, params=params, shapes=shapes,
+              curvature='kronecker', blocks=b, dims=(d_in + (lin.bias is not None), d_out),
+              layout=tuple(layout), n_scaled=(False, True), config=lin)
+
+
+def _linear_rows(lin: Linear, x: jax.Array, letters: str, target: str, b: int) -> jax.Array:
+  """`x` as `(E, R, B, d)`: the first row axis is the examples' (if it is x's first axis)."""
+  rows = lin.groups()[0]
+  x = jnp.einsum(f'{letters}->{rows}{target}', x)
+  first = x.shape[0] if lin.x[0] == rows[0] else 1
+  return x.reshape(first, -1, b, math.prod(x.shape[len(rows):]) // b)
+
+
+def _linear_stats(spec: Spec, saved: Any, dy: jax.Array, reduce: bool,
+                  diag: tuple[bool, bool]) -> dict[str, jax.Array]:
+  lin, (x,) = spec.config, saved
+  _, batch, ins, outs = lin.groups()
+  a = _linear_rows(lin, x, lin.x, batch + ins, spec.blocks)
+  if lin.bias is not None:
+    a = _with_ones(a)
+  g = _linear_rows(lin, dy, lin.y, batch + outs, spec.blocks)
+  return kronecker_terms(a, g, reduce, diag)
+
+
+def _letters(n: int, skip: str = '') -> str:
+  return ''.join(c for c in _LETTERS if c not in skip)[:n]
+
+
+def _dense(module: nn.Dense, method: str, args: tuple, kwargs: dict) -> Match:
+  x = _input(args, kwargs)
+  rows = _letters(x.ndim - 1, 'io')
+  lin = Linear(rows + 'i', 'io', rows + 'o', 'o' if module.use_bias else None)
+  shape = (x.shape[-1], module.features)
+  params = ('kernel', 'bias') if module.use_bias else ('kernel',)
+  shapes = (shape, (module.features,)) if module.use_bias else (shape,)
+  return _linear_spec(lin, shape, 'apply', params, shapes)
+
+
+def _tuple(v: Any) -> tuple:
+  return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def _dense_general(module: nn.DenseGeneral, method: str, args: tuple, kwargs: dict) -> Match:
+  x = _input(args, kwargs)
+  axis = tuple(a % x.ndim for a in _tuple(module.axis))
+  batch_dims = tuple(a % x.ndim for a in _tuple(module.batch_dims))
+  features = tuple(_tuple(module.features))
+  letters = _letters(x.ndim + len(features))
+  xs, fs = letters[:x.ndim], letters[x.ndim:]
+  batch = ''.join(xs[d] for d in batch_dims)
+  kernel = batch + ''.join(xs[d] for d in axis) + fs
+  y = batch + ''.join(xs[d] for d in range(x.ndim) if d not in axis and d not in batch_dims) + fs
+  lin = Linear(xs, kernel, y, batch + fs if module.use_bias else None)
+  shape = tuple(x.shape[d] for d in batch_dims + axis) + features
+  params = ('kernel', 'bias') if module.use_bias else ('kernel',)
+  bias = tuple(x.shape[d] for d in batch_dims) + features
+  return _linear_spec(lin, shape, 'apply', params, (shape, bias) if module.use_bias else (shape,))
+
+
+def _einsum(module: nn.Einsum, method: str, args: tuple, kwargs: dict) -> Match:
+  x = _input(args, kwargs)
+  equation = kwargs.get('einsum_str', args[1] if len(args) > 1 else None) or module.einsum_str
+  equation = equation.replace(' ', '')
+  if '...' in equation or '->' not in equation or equation.count(',') != 1:
+    return Unsupported(f'the equation {equation!r} (write it explicitly, without "...")')
+  operands, y = equation.split('->')
+  xl, kl = operands.split(',')
+  shape = tuple(module.shape)
+  bias = ''.join(c for c in y if c in kl) if module.use_bias else None
+  lin = Linear(xl, kl, y, bias)
+  params = ('kernel', 'bias') if module.use_bias else ('kernel',)
+  shapes = (shape, tuple(shape[kl.index(c)] for c in bias)) if bias is not None else (shape,)
+  if len(xl) != x.ndim:
+    return Unsupported(f'the equation {equation!r} for an input of rank {x.ndim}')
+  return _linear_spec(lin, shape, 'apply', params, shapes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embed: lookup (A diagonal: token frequencies) and attend (the tied output layer).
+
+
+class EmbedConfig(NamedTuple):
+  num_embeddings: int
+  features: int
+
+
+def _embed(module: nn.Embed, method: str, args: tuple, kwargs: dict) -> Match:
+  v, d = module.num_embeddings, module.features
+  common = dict(params=('embedding',), shapes=((v, d),), curvature='kronecker', blocks=1,
+                dims=(v, d), layout=(Reshape((v, d), (0, 1), (1, v, d)),))
+  if method == '__call__':
+    return Spec(kind='embed', role='lookup', n_scaled=(False, True),
+                config=EmbedConfig(v, d), **common)
+  if method == 'attend':  # y = x Eᵀ: E's rows (tokens) see output gradients, its columns inputs
+    x = _input(args, kwargs)
+    rows = _letters(x.ndim - 1, 'vd')
+    return Spec(kind='embed', role='attend', n_scaled=(True, False),
+                config=Linear(rows + 'd', 'vd', rows + 'v', None), **common)
+  return None
+
+
+def _embed_stats(spec: Spec, saved: Any, dy: jax.Array, reduce: bool,
+                 diag: tuple[bool, bool]) -> dict[str, jax.Array]:
+  if spec.role == 'attend':  # x Eᵀ: E's columns see the inputs, its rows (tokens) the gradients
+    lin, (x,) = spec.config, saved
+    terms = kronecker_terms(_linear_rows(lin, x, lin.x, 'd', 1),
+                            _linear_rows(lin, dy, lin.y, 'v', 1), reduce, (diag[1], True))
+    return {'a_factor': terms['g_factor'], 'g_factor': terms['a_factor']}
+  (tokens,) = saved
+  v = spec.config.num_embeddings
+  tokens = tokens.reshape(tokens.shape[0] if tokens.ndim else 1, -1)
+  dy = _f32(dy).reshape(tokens.shape + (dy.shape[-1],))
+  if reduce:  # diag of (1/E) Σ_e ā ā ᵀ, ā_e the token frequencies of example e
+    freq = jax.vmap(lambda t: jnp.zeros((v,), jnp.float32).at[t].add(1.0 / t.shape[0]))(tokens)
+    a = jnp.mean(freq**2, axis=0)
+    s = dy.sum(1)
+    g = jnp.einsum('ei,ei->i', s, s) if diag[1] else jnp.einsum('ei,ej->ij', s, s)
+  else:
+    a = jnp.zeros((v,), jnp.float32).at[tokens.ravel()].add(1.0 / tokens.size)
+    rows = dy.reshape(-1, dy.shape[-1])
+    g = jnp.einsum('mi,mi->i', rows, rows) if diag[1] else jnp.einsum('mi,mj->ij', rows, rows)
+  return {'a_factor': a[None], 'g_factor': g[None]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutions: Conv (grouped and depthwise too) and ConvTranspose. Patches come from the module
+# itself: a clone with one input channel and a one-hot kernel outputs, per channel, the inputs
+# each kernel entry multiplies, with the module's own padding, strides and dilations.
+
+
+class ConvConfig(NamedTuple):
+  patcher: nn.Module  # unbound clone: 1 input channel, one output per kernel entry
+  window: tuple[int, ...]
+  groups: int
+  in_features: int
+  use_bias: bool
+
+
+def _conv(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Match:
+  x = _input(args, kwargs)
+  window = tuple(_tuple(module.kernel_size))
+  k = math.prod(window)
+  groups = getattr(module, 'feature_group_count', 1)
+  if getattr(module, 'transpose_kernel', False):
+    return Unsupported('transpose_kernel=True')
+  if module.mask is not None:
+    return Unsupported('a kernel `mask`')
+  c, o = x.shape[-1], module.features
+  cg, og = c // groups, o // groups
+  patcher = module.clone(parent=None, name=None, features=k, use_bias=False, mask=None,
+                         kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+                         **({'feature_group_count': 1} if groups != 1 else {}))
+  shape = window + (cg, o)
+  layout = [Reshape(window + (cg, groups, og), (len(window) + 1, *range(len(window)),
+                                                 len(window), len(window) + 2),
+                    (groups, k * cg, og))]
+  params, shapes = ('kernel',), (shape,)
+  if module.use_bias:
+    layout.append(Reshape((groups, og), (0, 1), (groups, 1, og)))
+    params, shapes = ('kernel', 'bias'), (shape, (o,))
+  return Spec(kind='conv', role='apply', params=params, shapes=shapes, curvature='kronecker',
+              blocks=groups, dims=(k * cg + module.use_bias, og), layout=tuple(layout),
+              n_scaled=(False, True),
+              config=ConvConfig(patcher, window, groups, c, module.use_bias))
+
+
+def conv_patches(config: ConvConfig, x: jax.Array) -> jax.Array:
+  """`(E, T, K * C)` input patches of a conv call in kernel `(window..., C)` order."""
+  k = math.prod(config.window)
+  onehot = jnp.eye(k, dtype=x.dtype).reshape(config.window + (1, k))
+  per_channel = lambda xc: config.patcher.apply({'params': {'kernel': onehot}}, xc[..., None])
+  with _internal():
+    patches = jax.vmap(per_channel, in_axes=-1, out_axes=-1)(x)  # (..., *out, K, C)
+  batch = x.ndim - len(config.window) - 1
+  e = math.prod(x.shape[:batch]) if batch else 1
+  return patches.reshape(e, -1, k * config.in_features)
+
+
+def _conv_stats(spec: Spec, saved: Any, dy: jax.Array, reduce: bool,
+                diag: tuple[bool, bool]) -> dict[str, jax.Array]:
+  config, (x,) = spec.config, saved
+  patches = conv_patches(config, x)
+  e, t = patches.shape[:2]
+  g, k = config.groups, math.prod(config.window)
+  a = patches.reshape(e, t, k, g, -1).transpose(0, 1, 3, 2, 4).reshape(e, t, g, -1)
+  if config.use_bias:
+    a = _with_ones(a)
+  return kronecker_terms(a, dy.reshape(e, t, g, -1), reduce, diag)
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms: BatchNorm, LayerNorm, GroupNorm, RMSNorm, InstanceNorm. Unit-wise (scale, bias) blocks.
+
+
+class NormConfig(NamedTuple):
+  normalizer: nn.Module  # unbound clone without scale and bias: computes x̂
+  feature_axes: tuple[int, ...]
+  names: tuple[str, ...]
+
+
+def _norm(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Match:
+  x = _input(args, kwargs)
+  names = tuple(n for n, on in (('scale', module.use_scale),
+                                ('bias', getattr(module, 'use_bias', False))) if on)
+  if not names:
+    return None
+  if isinstance(module, nn.GroupNorm):
+    axes = (x.ndim - 1,)
+  else:
+    axes = tuple(a % x.ndim for a in _tuple(getattr(module, 'feature_axes', None)
+                                              if hasattr(module, 'feature_axes') else module.axis))
+  shape = tuple(x.shape[a] for a in axes)
+  c = math.prod(shape)
+  off = {'use_scale': False}
+  if hasattr(module, 'use_bias'):
+    off['use_bias'] = False
+  normalizer = module.clone(parent=None, name=None, **off)
+  return Spec(kind='norm', role='apply', params=names, shapes=(shape,) * len(names),
+              curvature='unitwise', blocks=1, dims=(c, len(names)),
+              layout=tuple(Reshape(shape, tuple(range(len(shape))), (c,)) for _ in names),
+              n_scaled=(True, True), config=NormConfig(normalizer, axes, names))
+
+
+def _norm_save(spec: Spec, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+  variables = {k: v for k, v in module.variables.items() if k != 'params'}
+  with _internal():
+    x_hat, _ = spec.config.normalizer.apply(variables, *args, mutable=True, **kwargs)
+  return (jax.lax.stop_gradient(x_hat),)
+
+
+def _norm_stats(spec: Spec, saved: Any, dy: jax.Array, reduce: bool,
+                diag: tuple[bool, bool]) -> dict[str, jax.Array]:
+  (x_hat,), axes = saved, spec.config.feature_axes
+  dy = _f32(dy)
+  per = {'scale': dy * _f32(x_hat), 'bias': dy}
+  u = jnp.stack([per[n] for n in spec.config.names], axis=-1)  # (..., k)
+  rest = [a for a in range(dy.ndim) if a not in axes]
+  u = jnp.moveaxis(u, list(axes), list(range(dy.ndim - len(axes), dy.ndim)))
+  u = u.reshape(-1, math.prod(dy.shape[a] for a in rest[1:]) if rest else 1, spec.dims[0],
+                len(spec.config.names)) if rest else u.reshape(1, 1, spec.dims[0], -1)
+  if reduce:
+    u = u.sum(1, keepdims=True)
+  return {'fisher': jnp.einsum('ercj,erck->cjk', u, u)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The table.
+
+
+class Kind(NamedTuple):
+  match: Callable[[nn.Module, str, tuple, dict], Match]
+  statistics: Callable[[Spec, Any, jax.Array, bool, tuple[bool, bool]], dict[str, jax.Array]]
+  save: Callable[[Spec, nn.Module, tuple, dict], tuple] | None = None  # default: (input,)
+  methods: tuple[str, ...] = ('__call__',)
+
+
+KINDS: dict[type, Kind] = {
+    nn.Dense: Kind(_dense, _linear_stats),
+    nn.DenseGeneral: Kind(_dense_general, _linear_stats),
+    nn.Einsum: Kind(_einsum, _linear_stats),
+    nn.Embed: Kind(_embed, _embed_stats, methods=('__call__', 'attend')),
+    nn.Conv: Kind(_conv, _conv_stats),
+    nn.ConvTranspose: Kind(_conv, _conv_stats),
+    nn.BatchNorm: Kind(_norm, _norm_stats, save=_norm_save),
+    nn.LayerNorm: Kind(_norm, _norm_stats, save=_norm_save),
+    nn.GroupNorm: Kind(_norm, _norm_stats, save=_norm_save),
+    nn.RMSNorm: Kind(_norm, _norm_stats, save=_norm_save),
+    nn.InstanceNorm: Kind(_norm, _norm_stats, save=_norm_save),
+}
+
+# Modules whose parameters are used through a transformation of their own (the kernel a child
+# layer sees is not the parameter stored): their layers get the fallback.
+REPARAMETERIZING = (nn.WeightNorm, nn.SpectralNorm)
+
+
+def kind_of(module: nn.Module) -> tuple[type, Kind] | None:
+  """The table row of a module: its own class, or the nearest listed base class."""
+  for cls in type(module).__mro__:
+    if cls in KINDS:
+      return cls, KINDS[cls]
+  return None
+
+
+def match(module: nn.Module, method: str, args: tuple, kwargs: dict) -> tuple[Kind, Match] | None:
+  """The kind and spec of a module method call, or None for a call capture ignores."""
+  found = kind_of(module)
+  if found is None or method not in found[1].methods:
+    return None
+  cls, kind = found
+  if 'param' in vars(type(module)) or any(
+      'param' in vars(c) for c in type(module).__mro__[:type(module).__mro__.index(cls)]):
+    return kind, Unsupported(f'{type(module).__name__} overrides `param` (a reparameterised'
+                             ' kernel)')
+  parent = module.parent
+  while isinstance(parent, nn.Module):
+    if isinstance(parent, REPARAMETERIZING):
+      return kind, Unsupported(f'inside {type(parent).__name__} (a reparameterised kernel)')
+    parent = parent.parent
+  return kind, kind.match(module, method, args, kwargs)
+
+
+def save(kind: Kind, spec: Spec, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+  if kind.save is not None:
+    return kind.save(spec, module, args, kwargs)
+  return (_input(args, kwargs),)
+
+
+def _input(args: tuple, kwargs: dict) -> jax.Array:
+  if args:
+    return args[0]
+  for name in ('inputs', 'x', 'query'):
+    if name in kwargs:
+      return kwargs[name]
+  raise ValueError(f'kfax: cannot find the input of a layer call among {list(kwargs)}.')
+
+
+# Capture's interceptor must not capture the clones that kinds run for patches and x̂.
+_local = threading.local()
+
+
+class _internal:
+  def __enter__(self):
+    _local.depth = getattr(_local, 'depth', 0) + 1
+
+  def __exit__(self, *exc):
+    _local.depth -= 1
+
+
+def internal() -> bool:
+  return getattr(_local, 'depth', 0) > 0
