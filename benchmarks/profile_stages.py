@@ -62,10 +62,10 @@ def stage_times(name: str, config: models.ModelConfig, mode: str, steps: int) ->
   problem = step_time.make_problem(name, config)
   loss_fn = step_time.make_loss(problem)
   p, bs, x, y, key = problem.params, problem.batch_stats, problem.x, problem.y, jax.random.key(0)
-  tx = kfax.kfac(damping=1e-3, inverse_every=100, damping_mode=mode)
   vg = lambda p, bs, x, y: jax.value_and_grad(loss_fn, has_aux=True)(p, bs, x, y)
   emp = kfax.value_grad_and_stats(loss_fn, has_aux=True, fisher='empirical')
   mc = kfax.value_grad_and_stats(loss_fn, has_aux=True, fisher='mc')
+  tx = kfax.kfac(mc.layers(p, bs, x, y), damping=1e-3, inverse_every=100, damping_mode=mode)
   _, grads, stats = jax.jit(lambda p, bs, x, y, k: mc(p, bs, x, y, rng=k))(p, bs, x, y, key)
   state = jax.jit(lambda g, s, st: tx.update(g, s, stats=st)[1])(grads, tx.init(p), stats)
   at = lambda count: state._replace(count=jnp.asarray(count, jnp.int32))
@@ -77,8 +77,10 @@ def stage_times(name: str, config: models.ModelConfig, mode: str, steps: int) ->
                                  (p, bs, x, y, key), steps),
       'update_stats': median_seconds(lambda g, s, st: tx.update(g, s, stats=st),
                                      (grads, at(1), stats), steps),
-      'update_plain': median_seconds(lambda g, s: tx.update(g, s), (grads, at(1)), steps),
-      'update_refresh': median_seconds(lambda g, s: tx.update(g, s), (grads, at(0)), steps),
+      'update_plain': median_seconds(lambda g, s: tx.update(g, s, stats=None), (grads, at(1)),
+                                     steps),
+      'update_refresh': median_seconds(lambda g, s: tx.update(g, s, stats=None), (grads, at(0)),
+                                       steps),
       'sgd_update': median_seconds(lambda g, s: sgd.update(g, s), (grads, sgd.init(p)), steps),
   }
   return out

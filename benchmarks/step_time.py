@@ -138,15 +138,20 @@ def plain_step_fn(loss_fn: Callable, tx: optax.GradientTransformation) -> Callab
     params, batch_stats, opt_state = state
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, batch_stats, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params, stats=None)
     return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
   return step
 
 
+def stats_fn(loss_fn: Callable) -> Callable:
+  """kfax's loss, gradients and statistics (MC Fisher)."""
+  return kfax.value_grad_and_stats(loss_fn, has_aux=True, fisher='mc')
+
+
 def stats_step_fn(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
   """kfax's step with statistics (MC Fisher)."""
-  grad_fn = kfax.value_grad_and_stats(loss_fn, has_aux=True, fisher='mc')
+  grad_fn = stats_fn(loss_fn)
 
   def step(state: TrainState, x, y, key):
     params, batch_stats, opt_state = state
@@ -257,11 +262,12 @@ def kfax_series(problem: Problem, mode: str,
   """kfax's compile info and three timed series: stats, plain and plain with a refresh."""
   if args.inverse_every < 2:
     raise ValueError('--inverse_every must be >= 2 to time steps without a refresh')
+  loss_fn = make_loss(problem)
+  table = stats_fn(loss_fn).layers(problem.params, problem.batch_stats, problem.x, problem.y)
   tx = optax.chain(
-      kfax.kfac(damping=args.damping, ema_decay=0.95, inverse_every=args.inverse_every,
+      kfax.kfac(table, damping=args.damping, ema_decay=0.95, inverse_every=args.inverse_every,
                 damping_mode=mode),
       optax.sgd(LEARNING_RATE, momentum=MOMENTUM))
-  loss_fn = make_loss(problem)
   state = (copy_tree(problem.params), copy_tree(problem.batch_stats), copy_tree(tx.init(problem.params)))
   opt_bytes = state_bytes(state[2])
   stats_step, stats_info = compile_step(stats_step_fn(loss_fn, tx), state, problem, args.donate)

@@ -64,6 +64,7 @@ def load_digits_example() -> Any:
 
 
 digits = load_digits_example()
+BATCH_SIZE = digits.BATCH_SIZE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,12 +122,15 @@ def grid(args: argparse.Namespace) -> list[Config]:
                                                                    floats(args.dampings))])
 
 
-def transform(config: Config, args: argparse.Namespace) -> optax.GradientTransformation:
+def transform(config: Config, args: argparse.Namespace, task: Task,
+              data: dict) -> optax.GradientTransformation:
   if config.optimizer == 'sgd':
     return optax.sgd(config.learning_rate, momentum=0.9)
   if config.optimizer == 'adam':
     return optax.adam(config.learning_rate)
-  return digits.kfac_optimizer(config.learning_rate, damping=config.damping,
+  model = digits.MODELS[task.model]()
+  table = digits.layer_table(model, data['x_train'][:BATCH_SIZE], data['y_train'][:BATCH_SIZE])
+  return digits.kfac_optimizer(table, config.learning_rate, damping=config.damping,
                                damping_mode=args.damping_mode,
                                norm_constraint=args.norm_constraint,
                                inverse_every=args.inverse_every)
@@ -145,7 +149,7 @@ def train(steps: tuple[Callable, Callable, Callable], tx: optax.GradientTransfor
   x_test, y_test = jnp.asarray(data['x_test']), jnp.asarray(data['y_test'])
   params = model.init(init_key, x_test[:1])['params']
   opt_state = tx.init(params)
-  plan = digits.batch_indices(len(data['y_train']), task.max_steps, 128, seed)
+  plan = digits.batch_indices(len(data['y_train']), task.max_steps, BATCH_SIZE, seed)
 
   def step(i, params, opt_state):
     x, y = data['x_train'][plan[i]], data['y_train'][plan[i]]
@@ -171,7 +175,7 @@ def compile_steps(model_name: str, tx: optax.GradientTransformation, data: dict,
   start = time.perf_counter()
   model = digits.MODELS[model_name]()
   steps = digits.make_steps(model, tx, fisher)
-  x, y = jnp.asarray(data['x_train'][:128]), jnp.asarray(data['y_train'][:128])
+  x, y = jnp.asarray(data['x_train'][:BATCH_SIZE]), jnp.asarray(data['y_train'][:BATCH_SIZE])
   params = model.init(jax.random.key(0), x[:1])['params']
   state = tx.init(params)
   out = [steps[1](params, state, x, y), steps[2](params, x, y)]
@@ -190,7 +194,7 @@ def reached(history: list[tuple[int, float, float]], target: float) -> tuple[flo
 
 
 def run_config(config: Config, task: Task, data: dict, args: argparse.Namespace) -> dict:
-  tx = transform(config, args)
+  tx = transform(config, args, task, data)
   steps, compile_s = compile_steps(task.model, tx, data, args.fisher)
   stats_every = args.stats_every if config.optimizer == 'kfax' else None
   runs = []

@@ -3,12 +3,12 @@ jitted steps, the training loop, evaluation and logging.
 
 Data parallelism: a 1-D mesh axis 'data' over the devices (of every process with
 `--distributed`), the global batch sharded over it and everything else replicated; each step is
-`jax.jit(jax.shard_map(...))`. K-FAC is `optax.chain(kfax.kfac(axis_name='data'), ...,
-optax.sgd(lr, momentum))`: kfax averages its statistics over the axis and splits its refreshes
-across the devices (with `--gather gradients` each device also keeps only its own layers'
-curvature, and the state's specs come from `kfax.partition_specs`); gradients are averaged
-here, once per update (`jax.lax.pmean`). BatchNorm
-(`axis_name='data'`) uses the global batch's statistics.
+`jax.jit(jax.shard_map(...))`. K-FAC is `optax.chain(kfax.kfac(table, axis_name='data'), ...,
+optax.sgd(lr, momentum))`, `table` the loss's layer table as one device sees it (`layer_table`):
+kfax averages its statistics over the axis and splits its refreshes across the devices (with
+`--gather gradients` each device also keeps only its own layers' curvature, and the state's
+specs come from `kfax.partition_specs`); gradients are averaged here, once per update
+(`jax.lax.pmean`). BatchNorm (`axis_name='data'`) uses the global batch's statistics.
 
 Two compiled training steps, as in `examples/digits.py`: every `--stats_every`-th step calls
 `kfax.value_grad_and_stats` and passes `stats=`; the others call `jax.value_and_grad` and pass
@@ -264,9 +264,10 @@ def learning_rate(args: argparse.Namespace, steps: int, steps_per_epoch: int) ->
   return optax.constant_schedule(args.lr)
 
 
-def make_optimizer(args: argparse.Namespace,
-                   schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
-  """K-FAC + SGD with momentum, SGD with momentum, or AdamW; decay on kernels only."""
+def make_optimizer(args: argparse.Namespace, schedule: optax.Schedule,
+                   table: kfax.LayerTable | None) -> optax.GradientTransformationExtraArgs:
+  """K-FAC + SGD with momentum, SGD with momentum, or AdamW; decay on kernels only. `table`:
+  the loss's layer table (`layer_table`), for K-FAC."""
   kernels = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   if args.optimizer == 'adam':
     return optax.chain(optax.adamw(schedule, weight_decay=args.weight_decay, mask=kernels))
@@ -274,7 +275,7 @@ def make_optimizer(args: argparse.Namespace,
   sgd = optax.sgd(schedule, momentum=args.momentum)
   if args.optimizer == 'sgd':
     return optax.chain(*decay, sgd)
-  kfac = kfax.kfac(damping=args.damping, ema_decay=args.ema_decay,
+  kfac = kfax.kfac(table, damping=args.damping, ema_decay=args.ema_decay,
                    inverse_every=args.inverse_every, damping_mode=args.damping_mode,
                    norm_constraint=args.norm_constraint or None, axis_name=AXIS,
                    comm_dtype=args.comm_dtype, gather=args.gather)
@@ -284,18 +285,59 @@ def make_optimizer(args: argparse.Namespace,
 # ------------------------------------------------------------------------------------- steps
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
-               shape: tuple[int, ...], seed: int) -> tuple[TrainState, TrainState]:
-  """The train state and its `shard_map` specs: everything is replicated, except the share of
-  K-FAC's state each device keeps with `--gather gradients` (`kfax.partition_specs`)."""
+def init_variables(model: nn.Module, mesh: Mesh, shape: tuple[int, ...],
+                   seed: int) -> tuple[Any, Any, jax.Array]:
+  """The replicated params, batch_stats ({} without BatchNorm) and the MC sampling key."""
 
   def init(key: jax.Array) -> tuple[Any, Any, jax.Array]:
     init_key, state_key = jax.random.split(key)
     variables = model.init(init_key, jnp.zeros((1, *shape)), train=False)
     return variables['params'], variables.get('batch_stats', {}), state_key
 
-  params, batch_stats, key = jax.jit(init, out_shardings=NamedSharding(mesh, P()))(
-      jax.random.key(seed))
+  return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(jax.random.key(seed))
+
+
+def make_loss(model: nn.Module) -> Callable:
+  """`loss(params, images, labels, *, batch_stats) -> (mean loss, new batch_stats)`."""
+
+  def loss_fn(params, x, y, *, batch_stats):
+    logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                              mutable=['batch_stats'])
+    return kfax.softmax_cross_entropy(logits, y), new.get('batch_stats', {})
+
+  return loss_fn
+
+
+def stats_fn(model: nn.Module, args: argparse.Namespace) -> Callable:
+  return kfax.value_grad_and_stats(make_loss(model), has_aux=True, fisher=args.fisher)
+
+
+def layer_table(model: nn.Module, args: argparse.Namespace, mesh: Mesh, params: Any,
+                batch_stats: Any, shape: tuple[int, ...]) -> kfax.LayerTable:
+  """K-FAC's layer table: one shape-only trace of the loss as each device sees it inside the
+  training step, on its share of one micro-batch. The trace runs inside `shard_map` too, where
+  BatchNorm's mean over 'data' finds its axis."""
+  grad_fn, tables = stats_fn(model, args), []
+
+  def probe(params, batch_stats, x, y):
+    local = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to='varying'), params)
+    tables.append(grad_fn.layers(local, x, y, batch_stats=batch_stats))
+    return jnp.zeros(())
+
+  micro = args.batch_size // args.acc_iters  # over all devices; the step's per-device share
+  batch = NamedSharding(mesh, P(AXIS))
+  jax.eval_shape(jax.shard_map(probe, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)),
+                               out_specs=P()),
+                 params, batch_stats, jax.ShapeDtypeStruct((micro, *shape), jnp.float32,
+                                                           sharding=batch),
+                 jax.ShapeDtypeStruct((micro,), jnp.int32, sharding=batch))
+  return tables[0]
+
+
+def init_state(tx: optax.GradientTransformation, mesh: Mesh, params: Any, batch_stats: Any,
+               key: jax.Array) -> tuple[TrainState, TrainState]:
+  """The train state and its `shard_map` specs: everything is replicated, except the share of
+  K-FAC's state each device keeps with `--gather gradients` (`kfax.partition_specs`)."""
   shapes = jax.eval_shape(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=P(),
                                         check_vma=False), params)
   opt_specs = kfax.partition_specs(shapes, AXIS)
@@ -308,15 +350,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
                     specs: TrainState, args: argparse.Namespace, with_stats: bool) -> Callable:
   """`step(state, images, labels) -> (state, mean loss)`, jitted over the mesh, state donated."""
 
-  def loss_fn(params, x, y, *, batch_stats):
-    logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
-                              mutable=['batch_stats'])
-    return kfax.softmax_cross_entropy(logits, y), new.get('batch_stats', {})
-
   if with_stats:
-    grad_fn = kfax.value_grad_and_stats(loss_fn, has_aux=True, fisher=args.fisher)
+    grad_fn = stats_fn(model, args)
   else:
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(make_loss(model), has_aux=True)
   grad_fn = kfax.accumulate(grad_fn, args.acc_iters)  # a mean over micro-batches
 
   def step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainState, jax.Array]:
@@ -383,10 +420,13 @@ def train(task: Task, args: argparse.Namespace) -> dict:
   steps_per_epoch = max(train_size(args, task) // args.batch_size, 1)
   steps = args.steps or max(int(args.epochs * steps_per_epoch), 1)
   schedule = learning_rate(args, steps, steps_per_epoch)
-  tx = make_optimizer(args, schedule)
   model = task.make_model(args)
   shape = (args.image_size, args.image_size, task.channels)
-  state, specs = init_state(model, tx, mesh, shape, args.seed)
+  params, batch_stats, key = init_variables(model, mesh, shape, args.seed)
+  table = (layer_table(model, args, mesh, params, batch_stats, shape)
+           if args.optimizer == 'kfac' else None)
+  tx = make_optimizer(args, schedule, table)
+  state, specs = init_state(tx, mesh, params, batch_stats, key)
   log(f'{task.name}: {type(model).__name__}, {args.optimizer}, jax {jax.__version__},'
       f' {devices} {jax.devices()[0].platform} devices in {jax.process_count()} processes,'
       f' global batch {args.batch_size} ({args.acc_iters} micro-batches), {steps} steps')

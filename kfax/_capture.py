@@ -33,6 +33,8 @@ FISHER_TYPES = ('empirical', 'mc')
 SEQUENCES = ('expand', 'reduce')
 FALLBACKS = ('diagonal', 'none')
 ACC = '__kfax__'  # the accumulator's name in a layer's params subtree
+# Statistics are float32, or float64 when x64 is on (exact references); never lower.
+_STATS_DTYPE = lambda: jax.dtypes.canonicalize_dtype(jnp.float64)
 Stats = dict[str, dict[str, jax.Array]]
 
 _local = threading.local()
@@ -63,10 +65,14 @@ class _Record:
 
 
 def _vma(x: Any) -> set:
+  """The device axes a value varies over inside `shard_map` (`check_vma=True`); empty elsewhere.
+  jax >= 0.10 keeps them in `typeof(x).manual_axis_type.varying`, earlier jax in `.vma`."""
   try:
-    return set(getattr(jax.typeof(x), 'vma', ()) or ())
+    t = jax.typeof(x)
   except (TypeError, AttributeError):
     return set()
+  manual = getattr(t, 'manual_axis_type', None)
+  return set(getattr(manual, 'varying', None) or getattr(t, 'vma', None) or ())
 
 
 class _Trace:
@@ -80,6 +86,7 @@ class _Trace:
     self.reduce = reduce
     self.records: dict[str, _Record] = {}
     self.marks: list[_Mark] = []
+    self.active: list[str] = []  # enclosing reparameterising modules (nn.WeightNorm, ...)
 
   def locate(self, module: nn.Module, names: tuple[str, ...]) -> tuple[str, ...] | None:
     """The path, in the params given to the loss, of the module's own parameters."""
@@ -98,18 +105,39 @@ class _Trace:
       return next_fun(*args, **kwargs)
     module, method = context.module, context.method_name
     found = _kinds.match(module, method, args, kwargs)
+    if found is not None and self.active:
+      found = (found[0], _kinds.Unsupported(
+          f'called inside {self.active[-1]} (a reparameterised kernel)'))
     if self.taps is None:
       self._record(module, found, args, kwargs)
-      return next_fun(*args, **kwargs)
-    y = next_fun(*args, **kwargs)
+      return self._call(module, next_fun, args, kwargs)
+    y = self._call(module, next_fun, args, kwargs)
     if found is None or not isinstance(found[1], _kinds.Spec):
       return y
     kind, spec = found
     acc = module.variables.get('params', {}).get(ACC)
     if acc is None or spec.role not in acc:
       return y
+    missing = _vma(_kinds._input(args, kwargs)) - _vma(acc[spec.role]['calls'])
+    if missing:
+      raise ValueError(
+          f'kfax: the statistics of {type(module).__name__} {"/".join(map(str, module.path))}'
+          f' would vary over the device axes {sorted(missing, key=str)}, but a Flax transform'
+          ' around it (nn.vmap over parameters) drops that under shard_map(check_vma=True);'
+          ' use check_vma=False for this model.')
     saved = _kinds.save(kind, spec, module, args, kwargs)
     return _tap(kind, spec, self.reduce, _diagonal_sides(acc[spec.role]))(y, saved, acc[spec.role])
+
+  def _call(self, module: nn.Module, next_fun: Callable, args: tuple, kwargs: dict) -> Any:
+    """Runs the call, remembering reparameterising wrappers (their children's kernels are not
+    the stored parameters)."""
+    if not isinstance(module, _kinds.REPARAMETERIZING):
+      return next_fun(*args, **kwargs)
+    self.active.append(type(module).__name__)
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      self.active.pop()
 
   def _record(self, module: nn.Module, found: tuple | None, args: tuple, kwargs: dict) -> None:
     own = {k: v for k, v in module.variables.get('params', {}).items()
@@ -168,7 +196,7 @@ def _tap(kind: _kinds.Kind, spec: _kinds.Spec, reduce: bool, diag: tuple[bool, b
   def backward(residuals, dy):
     saved, calls = residuals
     stats = kind.statistics(spec, saved, dy, reduce, diag)
-    cotangent = {name: value.astype(jnp.float32) for name, value in stats.items()}
+    cotangent = {name: value.astype(calls.dtype) for name, value in stats.items()}
     cotangent['calls'] = jnp.ones_like(calls)
     return dy, jax.tree.map(_zero_cotangent, saved), cotangent
 
@@ -237,9 +265,9 @@ def build_table(trace: _Trace, sequence: str, fallback: str, max_factor_dim: int
   return LayerTable(tuple(entries), trace.shapes, sequence)
 
 
-def _accumulators(table: LayerTable, vma: dict[str, set]) -> dict[str, dict]:
+def _accumulators(table: LayerTable, vma: set) -> dict[str, dict]:
   """Zero accumulators per captured layer and role, device-varying like the layer's input."""
-  out = {}
+  out, axes = {}, tuple(sorted(vma, key=str))
   for key, e in table.entries.items():
     if e.curvature not in ('kronecker', 'unitwise'):
       continue
@@ -247,10 +275,9 @@ def _accumulators(table: LayerTable, vma: dict[str, set]) -> dict[str, dict]:
     shapes = {name: e.stack + call_blocks + s[len(e.blocks):] for name, s in e.stat_shapes().items()}
     if e.curvature == 'unitwise':
       shapes = {'fisher': e.stack + e.stat_shapes()['fisher'][len(e.blocks):]}
-    axes = tuple(sorted(vma.get(key, ()), key=str))
 
     def zeros(shape):
-      z = jnp.zeros(shape, jnp.float32)
+      z = jnp.zeros(shape, _STATS_DTYPE())
       return jax.lax.pcast(z, axes, to='varying') if axes else z
 
     out[key] = {role: {**{n: zeros(s) for n, s in shapes.items()}, 'calls': zeros(e.stack)}
@@ -393,11 +420,18 @@ def value_grad_and_stats(
   def probe(params: Any, args: tuple, kwargs: dict) -> tuple[LayerTable, _Trace]:
     traces: list[_Trace] = []
 
-    def shapes_only(p):
-      traces.append(_Trace(p, None, reduce))
-      return run(p, traces[0], args, kwargs)[0]
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    arrays = [i for i, leaf in enumerate(leaves) if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype')]
 
-    jax.eval_shape(shapes_only, params)
+    def shapes_only(p, values):  # arrays (or ShapeDtypeStructs) traced, anything else static
+      full = list(leaves)
+      for i, v in zip(arrays, values):
+        full[i] = v
+      a, k = jax.tree.unflatten(treedef, full)
+      traces.append(_Trace(p, None, reduce))
+      return run(p, traces[0], a, k)[0]
+
+    jax.eval_shape(shapes_only, params, [leaves[i] for i in arrays])
     return build_table(traces[0], sequence, fallback, max_factor_dim), traces[0]
 
   def layers(params: Any, *args: Any, rng: jax.Array | None = None, **kwargs: Any) -> LayerTable:
@@ -421,8 +455,10 @@ def value_grad_and_stats(
           ' kfax.softmax_cross_entropy, kfax.sigmoid_binary_cross_entropy or'
           ' kfax.squared_error, which mark the distribution to sample from; use'
           ' fisher="empirical" for any other loss.')
-    vma = {k: r.vma for k, r in shapes.records.items()}
-    accs = _accumulators(table, vma)
+    # Statistics vary over every device axis the batch or a layer input varies over.
+    axes = set().union(*(r.vma for r in shapes.records.values()),
+                       *(_vma(leaf) for leaf in jax.tree.leaves((args, kwargs))))
+    accs = _accumulators(table, axes)
     traces: list[_Trace] = []
 
     def forward(p):
@@ -447,7 +483,8 @@ def value_grad_and_stats(
     stats = _combine(table, raw, examples)
     values = dict(_table.named_leaves(sampled))
     for key, e in table.of('diagonal').items():
-      g = values[e.leaves[0]].astype(jnp.float32)
+      g = values[e.leaves[0]]
+      g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
       stats[key] = {'diag': examples * g * g}
     return ((loss, aux) if has_aux else loss), grads, stats
 

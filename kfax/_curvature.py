@@ -94,7 +94,7 @@ def refresh(
             jnp.maximum(m, 0.0) if eigen else 1.0 / (m + shift))
       else:
         if not eigen:
-          m = m + shift[..., None] * jnp.eye(m.shape[-1], dtype=m.dtype)
+          m = m + shift[..., None] * jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
         work[(key, side)] = m.reshape((-1,) + m.shape[-2:])
   fn = _inverse.eigendecompose if eigen else _inverse.invert
   done = fn(work) if decompose_all is None else decompose_all(fn, work)
@@ -148,7 +148,8 @@ def precondition_unitwise(
   """`(F_c + λ' I)⁻¹ x_c` per channel, `k = x.shape[-1]` in {1, 2}, in closed form."""
   x = x.astype(jnp.float32)
   k = x.shape[-1]
-  shift = _block_damping(jnp.trace(fisher, axis1=-2, axis2=-1) / k, damping, eigen)
+  shift = jnp.broadcast_to(
+      _block_damping(jnp.trace(fisher, axis1=-2, axis2=-1) / k, damping, eigen), fisher.shape[:-2])
   if k == 1:
     return x / (fisher[..., 0] + shift[..., None])
   a = fisher[..., 0, 0] + shift

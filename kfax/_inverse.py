@@ -1,12 +1,8 @@
-"""Damping, factor decompositions and Kronecker preconditioning, all in float32.
+"""Factor decompositions, batched by size: eigendecompositions and Cholesky inverses.
 
-For a layer with gradient matrix `X` of shape `(d_in, d_out)` (kernel rows, then the bias row),
-the Fisher block is `A ⊗ G` acting as `X -> A X G`. The two damping modes are:
-
-- "eigen": exact damping of the product, `(A ⊗ G + λ I)⁻¹ vec(X)`. With `A = Qa diag(da) Qaᵀ`
-  and `G = Qg diag(dg) Qgᵀ`: `Qa [(Qaᵀ X Qg) / (da dgᵀ + λ)] Qgᵀ`.
-- "factored": Tikhonov damping split with the trace-norm π (Martens & Grosse, 2015, §6.3):
-  `(A + π√λ I)⁻¹ X (G + √λ/π I)⁻¹`, `π = sqrt((tr A / d_in) / (tr G / d_out))`.
+`_curvature.py` builds the damped matrices and applies the results (both damping modes, per
+curvature of the layer table); this module only decomposes symmetric matrices, in the dtype
+they come in (float32 from kfax), and checks results for finiteness.
 
 Factors of equal size are decomposed together in one batched call (one by one on CPU).
 """
@@ -19,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-Factors = dict[str, jax.Array]
 Decomposition = tuple[jax.Array, ...]
 
 
@@ -40,8 +35,13 @@ def _batched(fn: Callable, mats: dict[Any, jax.Array]) -> dict[Any, Decompositio
   if _one_call_per_matrix():
     results, previous = {}, ()
     for key, m in mats.items():
-      previous, m = jax.lax.optimization_barrier((previous, m))  # one LAPACK call at a time
-      results[key] = previous = tuple(fn(m))
+      outs = []
+      for single in m.reshape((-1,) + m.shape[-2:]):  # a stack (nn.scan, groups): one by one
+        previous, single = jax.lax.optimization_barrier((previous, single))  # one LAPACK call
+        previous = tuple(fn(single))
+        outs.append(previous)
+      results[key] = tuple(jnp.stack(parts).reshape(m.shape[:-2] + parts[0].shape)
+                           for parts in zip(*outs))
     return results
   groups: dict[tuple[int, ...], list[Any]] = {}
   for key, m in mats.items():
@@ -77,42 +77,6 @@ def eigendecompose(mats: dict[Any, jax.Array]) -> dict[Any, Decomposition]:
 def invert(mats: dict[Any, jax.Array]) -> dict[Any, Decomposition]:
   """`(inverse,)` of each symmetric positive definite matrix (Cholesky), batched by size."""
   return _batched(_inv_psd, mats)
-
-
-def pi_correction(a_factor: jax.Array, g_factor: jax.Array) -> jax.Array:
-  """π = sqrt((tr A / dim A) / (tr G / dim G)), 1 where either trace vanishes."""
-  a_mean = jnp.trace(a_factor) / a_factor.shape[-1]
-  g_mean = jnp.trace(g_factor) / g_factor.shape[-1]
-  ok = (a_mean > 0) & (g_mean > 0)
-  return jnp.sqrt(jnp.where(ok, a_mean, 1.0) / jnp.where(ok, g_mean, 1.0))
-
-
-def factored_damping(
-    a_factor: jax.Array, g_factor: jax.Array, damping: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  """`A + π√λ I` and `G + √λ/π I`."""
-  pi, root = pi_correction(a_factor, g_factor), jnp.sqrt(damping)
-  return (a_factor + pi * root * jnp.eye(a_factor.shape[0], dtype=a_factor.dtype),
-          g_factor + root / pi * jnp.eye(g_factor.shape[0], dtype=g_factor.dtype))
-
-
-def precondition_eigen(
-    x: jax.Array,
-    a_eigvecs: jax.Array,
-    a_eigvals: jax.Array,
-    g_eigvecs: jax.Array,
-    g_eigvals: jax.Array,
-    damping: jax.Array,
-) -> jax.Array:
-  """`(A ⊗ G + λ I)⁻¹` applied to the gradient matrix `x` of shape `(d_in, d_out)`."""
-  v = a_eigvecs.T @ x @ g_eigvecs
-  v = v / (jnp.outer(a_eigvals, g_eigvals) + damping)
-  return a_eigvecs @ v @ g_eigvecs.T
-
-
-def precondition_factored(x: jax.Array, a_inverse: jax.Array, g_inverse: jax.Array) -> jax.Array:
-  """`(A + π√λ I)⁻¹ x (G + √λ/π I)⁻¹` from the damped inverses."""
-  return a_inverse @ x @ g_inverse
 
 
 def all_finite(tree) -> jax.Array:

@@ -152,11 +152,10 @@ def _linear_spec(lin: Linear, kernel_shape: tuple[int, ...], role: str, params: 
 
 
 def _linear_rows(lin: Linear, x: jax.Array, letters: str, target: str, b: int) -> jax.Array:
-  """`x` as `(E, R, B, d)`: the first row axis is the examples' (if it is x's first axis)."""
+  """`x` as `(E, R, B, d)`: the first row axis is the examples' axis."""
   rows = lin.groups()[0]
   x = jnp.einsum(f'{letters}->{rows}{target}', x)
-  first = x.shape[0] if lin.x[0] == rows[0] else 1
-  return x.reshape(first, -1, b, math.prod(x.shape[len(rows):]) // b)
+  return x.reshape(x.shape[0], -1, b, math.prod(x.shape[len(rows):]) // b)
 
 
 def _linear_stats(spec: Spec, saved: Any, dy: jax.Array, reduce: bool,
@@ -175,6 +174,7 @@ def _letters(n: int, skip: str = '') -> str:
 
 
 def _dense(module: nn.Dense, method: str, args: tuple, kwargs: dict) -> Match:
+  """`nn.Dense`: every leading axis of the input is a row; kernel `(in, out)`, bias as A's 1."""
   x = _input(args, kwargs)
   rows = _letters(x.ndim - 1, 'io')
   lin = Linear(rows + 'i', 'io', rows + 'o', 'o' if module.use_bias else None)
@@ -189,6 +189,9 @@ def _tuple(v: Any) -> tuple:
 
 
 def _dense_general(module: nn.DenseGeneral, method: str, args: tuple, kwargs: dict) -> Match:
+  """`nn.DenseGeneral` (and so attention's query, key, value, out): the contracted `axis` form
+  A's side, `features` G's, each index of `batch_dims` is its own Kronecker block, and every
+  other input axis is a row."""
   x = _input(args, kwargs)
   axis = tuple(a % x.ndim for a in _tuple(module.axis))
   batch_dims = tuple(a % x.ndim for a in _tuple(module.batch_dims))
@@ -206,6 +209,10 @@ def _dense_general(module: nn.DenseGeneral, method: str, args: tuple, kwargs: di
 
 
 def _einsum(module: nn.Einsum, method: str, args: tuple, kwargs: dict) -> Match:
+  """`nn.Einsum` whose equation reads `input, kernel -> output`: kernel letters contracted with
+  the input form A's side, kernel letters kept in the output G's, letters of all three are
+  blocks, input-and-output letters are rows. Anything else (a summed input axis, `...`) gets the
+  fallback."""
   x = _input(args, kwargs)
   equation = kwargs.get('einsum_str', args[1] if len(args) > 1 else None) or module.einsum_str
   equation = equation.replace(' ', '')
@@ -233,6 +240,10 @@ class EmbedConfig(NamedTuple):
 
 
 def _embed(module: nn.Embed, method: str, args: tuple, kwargs: dict) -> Match:
+  """`nn.Embed`: the table `(vocab, features)` with a diagonal A over tokens (a lookup's input
+  is one-hot, so `E[a aᵀ]` is the diagonal of token frequencies: O(vocab)) and a dense G over
+  features. `attend` (a tied output layer, `x Eᵀ`) is weight sharing: its output gradients
+  (diagonal) add to the token side and its inputs average into the feature side."""
   v, d = module.num_embeddings, module.features
   common = dict(params=('embedding',), shapes=((v, d),), curvature='kronecker', blocks=1,
                 dims=(v, d), layout=(Reshape((v, d), (0, 1), (1, v, d)),))
@@ -259,12 +270,12 @@ def _embed_stats(spec: Spec, saved: Any, dy: jax.Array, reduce: bool,
   tokens = tokens.reshape(tokens.shape[0] if tokens.ndim else 1, -1)
   dy = _f32(dy).reshape(tokens.shape + (dy.shape[-1],))
   if reduce:  # diag of (1/E) Σ_e ā ā ᵀ, ā_e the token frequencies of example e
-    freq = jax.vmap(lambda t: jnp.zeros((v,), jnp.float32).at[t].add(1.0 / t.shape[0]))(tokens)
+    freq = jax.vmap(lambda t: jnp.zeros((v,), dy.dtype).at[t].add(1.0 / t.shape[0]))(tokens)
     a = jnp.mean(freq**2, axis=0)
     s = dy.sum(1)
     g = jnp.einsum('ei,ei->i', s, s) if diag[1] else jnp.einsum('ei,ej->ij', s, s)
   else:
-    a = jnp.zeros((v,), jnp.float32).at[tokens.ravel()].add(1.0 / tokens.size)
+    a = jnp.zeros((v,), dy.dtype).at[tokens.ravel()].add(1.0 / tokens.size)
     rows = dy.reshape(-1, dy.shape[-1])
     g = jnp.einsum('mi,mi->i', rows, rows) if diag[1] else jnp.einsum('mi,mj->ij', rows, rows)
   return {'a_factor': a[None], 'g_factor': g[None]}
@@ -285,6 +296,10 @@ class ConvConfig(NamedTuple):
 
 
 def _conv(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Match:
+  """`nn.Conv` (1-3 spatial dims, any padding including CIRCULAR, REFLECT and CAUSAL, strides,
+  dilations) and `nn.ConvTranspose`: rows are output positions, A's side a patch in the
+  kernel's `(window..., in)` order. `feature_group_count > 1` (grouped, depthwise) gives one
+  Kronecker block per group. A kernel `mask` or `transpose_kernel=True` get the fallback."""
   x = _input(args, kwargs)
   window = tuple(_tuple(module.kernel_size))
   k = math.prod(window)
@@ -347,6 +362,10 @@ class NormConfig(NamedTuple):
 
 
 def _norm(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Match:
+  """Norms with a per-feature `scale` and/or `bias`: the unit-wise Fisher of SP-NGD (Osawa et
+  al., TPAMI 2020), per feature a 2x2 block (1x1 with one parameter). `x̂` comes from the module
+  itself, cloned without scale and bias, so a zero scale (zero-initialised residual branches) is
+  safe and BatchNorm uses the batch statistics it trains with."""
   x = _input(args, kwargs)
   names = tuple(n for n, on in (('scale', module.use_scale),
                                 ('bias', getattr(module, 'use_bias', False))) if on)
@@ -431,6 +450,8 @@ def kind_of(module: nn.Module) -> tuple[type, Kind] | None:
 
 def match(module: nn.Module, method: str, args: tuple, kwargs: dict) -> tuple[Kind, Match] | None:
   """The kind and spec of a module method call, or None for a call capture ignores."""
+  if type(module).__module__ == 'flax.linen.transforms':
+    return None  # a lifted wrapper (nn.remat(nn.Dense), ...): its inner call is the layer's
   found = kind_of(module)
   if found is None or method not in found[1].methods:
     return None
@@ -439,11 +460,6 @@ def match(module: nn.Module, method: str, args: tuple, kwargs: dict) -> tuple[Ki
       'param' in vars(c) for c in type(module).__mro__[:type(module).__mro__.index(cls)]):
     return kind, Unsupported(f'{type(module).__name__} overrides `param` (a reparameterised'
                              ' kernel)')
-  parent = module.parent
-  while isinstance(parent, nn.Module):
-    if isinstance(parent, REPARAMETERIZING):
-      return kind, Unsupported(f'inside {type(parent).__name__} (a reparameterised kernel)')
-    parent = parent.parent
   return kind, kind.match(module, method, args, kwargs)
 
 

@@ -125,7 +125,8 @@ def absorb(
       w = [jnp.full((_distributed.packed_size(s, p),), weights[k]) for k, _, _, s, p in fields]
       used = sum(x.shape[0] for x in w)
       w = jnp.concatenate([*w, jnp.ones((layout.stats_size - used,))])
-      new = w * shard[:layout.stats_size] + (1 - w) * chunk
+      old = shard[:layout.stats_size]
+      new = jnp.where(w == 1.0, old, w * old + (1 - w) * chunk)  # w = 1: kept (maybe non-finite)
       return jnp.concatenate([new, shard[layout.stats_size:]])
     return run
 

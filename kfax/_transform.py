@@ -134,7 +134,8 @@ def _absorb(config: _Config, state: KfacState, stats: Stats, decay: jax.Array,
   factors = dict(state.factors)
   for key, new in local.items():
     w = jnp.where(finite[key], weights[key], 1.0)
-    factors[key] = {n: w * old + (1 - w) * new[n] for n, old in state.factors[key].items()}
+    factors[key] = {n: jnp.where(finite[key], w * old + (1 - w) * new[n].astype(old.dtype), old)
+                    for n, old in state.factors[key].items()}
   any_bad = jnp.zeros((), bool)
   for ok in finite.values():
     any_bad = any_bad | ~ok
@@ -244,24 +245,27 @@ def kfac(
 ) -> optax.GradientTransformationExtraArgs:
   """Precondition gradients with the damped Kronecker-factored Fisher (K-FAC).
 
-  For each layer with input statistics `A = E[a aᵀ]` and output-gradient statistics
-  `G = E[g gᵀ]` (from `kfax.value_grad_and_stats`), the gradient matrix `X` (kernel rows, then
-  the bias row) becomes, with `damping_mode="eigen"`, `(A ⊗ G + λ I)⁻¹ vec(X)`, and with
-  `damping_mode="factored"`, `(A + π√λ I)⁻¹ X (G + √λ/π I)⁻¹`. Chain it with optax for the
-  learning rate, momentum and weight decay:
-  `optax.chain(kfax.kfac(), optax.sgd(learning_rate, momentum=0.9))`.
+  `layers`, the layer table of the loss (`kfax.value_grad_and_stats(loss_fn).layers(params,
+  *batch)`), says what each parameter is. For a Kronecker layer with input statistics `A` and
+  output-gradient statistics `G`, the gradient matrix `X` (kernel rows, then the bias row; one
+  per block) becomes, with `damping_mode="eigen"`, `(A ⊗ G + λ I)⁻¹ vec(X)`, and with
+  `damping_mode="factored"`, `(A + π√λ I)⁻¹ X (G + √λ/π I)⁻¹`. Norm layers get their unit-wise
+  2x2 Fisher blocks and every other parameter the table's fallback (a diagonal Fisher, or none),
+  damped alike (see `kfax._curvature`). Chain it with optax for the learning rate, momentum and
+  weight decay: `optax.chain(kfax.kfac(layers), optax.sgd(learning_rate, momentum=0.9))`.
 
-  Statistics arrive as the `stats=` extra argument; pass `stats=None` on steps that computed none,
-  which then only precondition. Factors are exponential moving averages whose first statistics
-  replace the identity they start from. Their eigendecompositions (or damped inverses) refresh
-  every `inverse_every` updates and on the first statistics, inside the compiled step
-  (`lax.cond`). A layer passes its gradient through unchanged until it has statistics, and so
-  do parameters outside any Dense/Conv kernel (see `kfax.summary`). Non-finite statistics leave
-  the factors unchanged and a non-finite decomposition keeps the last good one; both are counted
-  in the state (`skipped_stats`, `failed_refreshes`). Factors and decompositions are float32
+  Statistics arrive as the `stats=` extra argument, which `update` requires: pass `stats=None`
+  on steps that computed none, which then only precondition. Factors are exponential moving
+  averages whose first statistics replace the identity they start from. Their
+  eigendecompositions (or damped inverses) refresh every `inverse_every` updates and on the
+  first statistics, inside the compiled step (`lax.cond`). A parameter passes its gradient
+  through unchanged until its entry has statistics. Non-finite statistics leave that entry's
+  factors unchanged and a non-finite decomposition keeps the last good one; both are counted in
+  the state (`skipped_stats`, `failed_refreshes`). Factors and decompositions are float32
   whatever the parameter dtype; updates keep the gradients' dtype.
 
   Args:
+    layers: the layer table (`kfax.LayerTable`) of the loss whose statistics `update` gets.
     damping: λ > 0, a float or an optax schedule of the update count. Note that at equal λ exact
       ("eigen") damping is far weaker than π-factored damping (√λ on each factor).
     ema_decay: weight of the old factor in the moving average, in [0, 1], or a schedule;
@@ -270,7 +274,7 @@ def kfac(
     damping_mode: `"eigen"` (exact damping of the Kronecker product; applies the current λ every
       step) or `"factored"` (π-corrected Tikhonov damping of each factor, as in chainerkfac and
       Martens & Grosse 2015; λ is frozen into the inverses at each refresh).
-    norm_constraint: if not None, scales the preconditioned layers' updates by
+    norm_constraint: if not None, scales the preconditioned updates by
       `min(1, sqrt(c / vᵀg))`, where `vᵀg` is the squared Fisher norm of their preconditioned
       gradient `v` (Ba et al., 2017, §5). It does not see the learning rate: the KL of a step is
       about `learning_rate**2 * c`.
@@ -315,9 +319,10 @@ def kfac(
     >>> x, y = jnp.ones((8, 4)), jnp.zeros(8, jnp.int32)
     >>> params = model.init(jax.random.key(0), x)['params']
     >>> loss_fn = lambda p: kfax.softmax_cross_entropy(model.apply({'params': p}, x), y)
-    >>> loss, grads, stats = kfax.value_grad_and_stats(loss_fn)(params)
-    >>> tx = optax.chain(kfax.kfac(damping=1e-3), optax.sgd(0.1))
+    >>> grad_fn = kfax.value_grad_and_stats(loss_fn)
+    >>> tx = optax.chain(kfax.kfac(grad_fn.layers(params), damping=1e-3), optax.sgd(0.1))
     >>> state = tx.init(params)
+    >>> loss, grads, stats = grad_fn(params, rng=jax.random.key(1))
     >>> updates, state = tx.update(grads, state, params, stats=stats)
     >>> jax.tree.map(jnp.shape, updates)
     {'bias': (3,), 'kernel': (4, 3)}

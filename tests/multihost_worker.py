@@ -34,12 +34,16 @@ class Net(nn.Module):
 
 model = Net()
 loss_fn = lambda p, x, y: kfax.softmax_cross_entropy(model.apply({'params': p}, x), y)
+grad_fn = kfax.value_grad_and_stats(loss_fn, fisher='empirical')  # deterministic
 mesh = jax.make_mesh((4,), ('data',))
-tx = optax.chain(kfax.kfac(damping=1e-2, inverse_every=2, axis_name='data'), optax.sgd(0.1))
+params = model.init(jax.random.key(0), jnp.ones((1, 5, 5, 1)))['params']
+table = grad_fn.layers(params, jnp.ones((2, 5, 5, 1)), jnp.zeros(2, jnp.int32))
+tx = optax.chain(kfax.kfac(table, damping=1e-2, inverse_every=2, axis_name='data'),
+                 optax.sgd(0.1))
 
 
 def step(params, state, x, y):
-  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
+  _, grads, stats = grad_fn(params, x, y)
   grads = jax.tree.map(lambda g: g / jax.lax.psum(1, 'data'), grads)  # summed by check_vma
   updates, state = tx.update(grads, state, params, stats=stats)
   return optax.apply_updates(params, updates), state
@@ -48,7 +52,6 @@ def step(params, state, x, y):
 step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P('data'), P('data')),
                              out_specs=(P(), P())))
 rng = np.random.default_rng(0)
-params = model.init(jax.random.key(0), jnp.ones((1, 5, 5, 1)))['params']
 state = tx.init(params)
 replicated = lambda t: jax.tree.map(
     lambda v: jax.make_array_from_process_local_data(NamedSharding(mesh, P()), np.asarray(v)), t)

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import kfax
-from utils import assert_close, kron, relative_error
+from utils import assert_close, im2col, kron, relative_error
 
 
 class MLP(nn.Module):
@@ -100,16 +100,18 @@ def test_weight_sharing_adds_a_and_averages_g(x64):
   y = jnp.arange(4) % 2
   params = _f64(model.init(jax.random.key(1), x)['params'])
   loss_fn = lambda p: kfax.softmax_cross_entropy(model.apply({'params': p}, x), y)
-  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params)
+  _, grads, stats = kfax.value_grad_and_stats(loss_fn, fisher='empirical')(params)
   w, b = params['Dense_0']['kernel'], params['Dense_0']['bias']
   head = lambda h: nn.Dense(2).apply({'params': params['Dense_1']}, h)
   out_loss = lambda y1, y2: kfax.softmax_cross_entropy(head(jnp.tanh(y1) + jnp.tanh(y2)), y)
   inputs = [x, 2.0 * x]
   dys = jax.grad(out_loss, (0, 1))(*(z @ w + b[None] for z in inputs))
   rows = [np.concatenate([np.asarray(z), np.ones((4, 1))], axis=1) for z in inputs]
-  a = sum(r.T @ r / 4 for r in rows)
-  g = sum(4 * np.asarray(d).T @ np.asarray(d) for d in dys) / 2
-  assert_close(stats['Dense_0']['a_factor'], a, rtol=1e-10)
+  a = sum(r.T @ r / 4 for r in rows)  # A = Σ_calls (1/M) Σ_m a aᵀ
+  g = sum(4 * np.asarray(d).T @ np.asarray(d) for d in dys) / 2  # G = mean_calls N Σ_m dy dyᵀ
+  # Statistics are float64 under x64 (exact references), float32 otherwise, never lower.
+  assert stats['Dense_0']['a_factor'].dtype == jnp.float64
+  assert_close(stats['Dense_0']['a_factor'], a, rtol=1e-10, atol=1e-14)
   assert_close(stats['Dense_0']['g_factor'], g, rtol=1e-10, atol=1e-14)
   kernel_grad = sum(r[:, :2].T @ np.asarray(d) for r, d in zip(rows, dys))
   assert_close(grads['Dense_0']['kernel'], kernel_grad, rtol=1e-10)
@@ -134,19 +136,23 @@ def test_mutable_batch_stats_and_has_aux():
                                     mutable=['batch_stats'])
     return kfax.softmax_cross_entropy(logits, y), (logits, new_state)
 
-  (loss, (logits, new_state)), grads, stats = kfax.value_grad_and_stats(loss_fn, has_aux=True)(
-      variables['params'], variables['batch_stats'])
+  grad_fn = kfax.value_grad_and_stats(loss_fn, has_aux=True)
+  (loss, (logits, new_state)), grads, stats = grad_fn(
+      variables['params'], variables['batch_stats'], rng=jax.random.key(2))
   (ref_loss, (ref_logits, ref_state)), ref_grads = jax.value_and_grad(loss_fn, has_aux=True)(
       variables['params'], variables['batch_stats'])
   assert_close(loss, ref_loss, rtol=1e-6)
   assert_close(logits, ref_logits, rtol=1e-6)
   jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-6), new_state, ref_state)
   jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
-  assert set(stats) == {'Conv_0', 'Dense_0'}
+  assert set(stats) == {'Conv_0', 'BatchNorm_0', 'Dense_0'}
   assert stats['Conv_0']['a_factor'].shape == (18, 18)  # no bias: 3*3*2 inputs only
-  summary = kfax.summary(variables['params'], stats)
-  assert 'BatchNorm_0/scale' in summary and 'passes through: not a Dense/Conv' in summary
-  assert 'Conv_0/kernel' in summary and 'preconditioned: A 18x18, G 4x4' in summary
+  assert stats['BatchNorm_0']['fisher'].shape == (4, 2, 2)  # per channel, (scale, bias)
+  table = grad_fn.layers(variables['params'], variables['batch_stats'])
+  summary = kfax.summary(table)
+  assert 'BatchNorm_0/scale' in summary and 'norm: unit-wise 2x2 per channel (4)' in summary
+  assert 'Conv_0/kernel' in summary and 'conv: A 18x18 ⊗ G 4x4' in summary
+  assert 'fallback' not in summary
 
 
 def test_bfloat16_params_give_float32_statistics_and_state():
@@ -154,52 +160,111 @@ def test_bfloat16_params_give_float32_statistics_and_state():
   x = jax.random.normal(jax.random.key(0), (6, 4), jnp.bfloat16)
   params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), model.init(jax.random.key(1), x)['params'])
   loss_fn = lambda p: kfax.softmax_cross_entropy(model.apply({'params': p}, x), jnp.arange(6) % 3)
-  loss, grads, stats = kfax.value_grad_and_stats(loss_fn, fisher='mc')(params, rng=jax.random.key(2))
+  grad_fn = kfax.value_grad_and_stats(loss_fn, fisher='mc')
+  loss, grads, stats = grad_fn(params, rng=jax.random.key(2))
   assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(stats))
   assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
-  tx = optax.chain(kfax.kfac(damping_mode='eigen'), optax.sgd(0.1))
+  tx = optax.chain(kfax.kfac(grad_fn.layers(params), damping_mode='eigen'), optax.sgd(0.1))
   state = tx.init(params)
   updates, state = jax.jit(lambda g, s, st: tx.update(g, s, params, stats=st))(grads, state, stats)
   assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
   kstate = state[0]
-  for field in ('a_factor', 'g_factor', 'a_eigvecs', 'g_eigvals'):
-    assert all(v.dtype == jnp.float32 for v in getattr(kstate, field).values()), field
+  for key in ('Dense_0', 'Dense_1'):
+    assert {n: v.dtype for n, v in kstate.factors[key].items()} == {
+        'a_factor': jnp.float32, 'g_factor': jnp.float32}
+    assert {n: v.dtype for n, v in kstate.decompositions[key].items()} == {
+        n: jnp.float32 for n in ('a_eigvals', 'a_eigvecs', 'g_eigvals', 'g_eigvecs')}
   assert all(np.isfinite(np.asarray(u, np.float32)).all() for u in jax.tree.leaves(updates))
 
 
-def test_grouped_conv_is_reported_and_passes_through():
-  class Depthwise(nn.Module):
+def test_grouped_conv_has_one_kronecker_block_per_group(x64):
+  """A grouped conv is `groups` independent convs: per group, A and G from that group's input
+  channels (im2col) and output channels, and K-FAC inverts each block on its own."""
+
+  class Grouped(nn.Module):
     @nn.compact
     def __call__(self, x):
       x = nn.Conv(4, (3, 3), feature_group_count=2)(x)
-      return nn.Dense(2)(x.mean((1, 2)))
+      return nn.Dense(2)(jnp.tanh(x).mean((1, 2)))
 
-  model = Depthwise()
-  x = jnp.ones((2, 5, 5, 2))
-  params = model.init(jax.random.key(0), x)['params']
-  loss_fn = lambda p: kfax.softmax_cross_entropy(model.apply({'params': p}, x), jnp.zeros(2, int))
-  with pytest.warns(UserWarning, match=r"layer 'Conv_0' \(Conv with feature_group_count=2"):
-    _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params)
-  assert set(stats) == {'Dense_0'}
-  tx = kfax.kfac()
-  with pytest.warns(UserWarning, match=r"no statistics for \['Conv_0'\].*pass through unchanged"):
-    updates, _ = tx.update(grads, tx.init(params), stats=stats)
-  jax.tree.map(lambda u, g: np.testing.assert_array_equal(u, g), updates['Conv_0'], grads['Conv_0'])
-  assert 'Conv_0/kernel' in kfax.summary(params, stats)
-  assert 'no statistics captured' in kfax.summary(params, stats)
+  model = Grouped()
+  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 2), jnp.float64)
+  y = jnp.array([0, 1])
+  # Jitted throughout: one compile per function instead of one per operation.
+  params = jax.jit(lambda k: _f64(model.init(k, x)['params']))(jax.random.key(1))
+  loss_fn = lambda p: kfax.softmax_cross_entropy(model.apply({'params': p}, x), y)
+  grad_fn = kfax.value_grad_and_stats(loss_fn, fisher='empirical')
+  _, grads, stats = jax.jit(grad_fn)(params)
+  conv = nn.Conv(4, (3, 3), feature_group_count=2)
+  head = lambda h: nn.Dense(2).apply({'params': params['Dense_0']}, jnp.tanh(h).mean((1, 2)))
+  output_gradient = jax.jit(lambda p: jax.grad(lambda h: kfax.softmax_cross_entropy(head(h), y))(
+      conv.apply({'params': p}, x)))
+  dy = np.asarray(output_gradient(params['Conv_0'])).reshape(-1, 4)
+  patches = im2col(np.asarray(x), (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1))  # (2, 25, 9 * 2)
+  n, t = patches.shape[:2]
+  a, g = stats['Conv_0']['a_factor'], stats['Conv_0']['g_factor']
+  assert a.shape == (2, 10, 10) and g.shape == (2, 2, 2)
+
+  def group_matrix(tree, group):  # [kernel rows of the group's input channel; bias row]
+    out = slice(2 * group, 2 * group + 2)
+    kernel = np.asarray(tree['Conv_0']['kernel'])[:, :, 0, out].reshape(9, 2)
+    return np.concatenate([kernel, np.asarray(tree['Conv_0']['bias'])[None, out]])
+
+  for group in range(2):
+    rows = np.concatenate([patches[..., group::2].reshape(n * t, 9), np.ones((n * t, 1))], axis=1)
+    dy_g = dy[:, 2 * group:2 * group + 2]
+    assert_close(a[group], rows.T @ rows / (n * t), rtol=1e-6, atol=1e-12)
+    assert_close(g[group], n * dy_g.T @ dy_g, rtol=1e-6, atol=1e-12)
+    assert_close(group_matrix(grads, group), rows.T @ dy_g, rtol=1e-9, atol=1e-12)
+  table = grad_fn.layers(params)
+  assert 'conv: 2 x A 10x10 ⊗ G 2x2' in kfax.summary(table)
+
+  damping = 1e-3
+  tx = kfax.kfac(table, damping=damping, damping_mode='eigen', norm_constraint=None)
+  updates, _ = jax.jit(lambda g, p, st: tx.update(g, tx.init(p), stats=st))(grads, params, stats)
+  for group in range(2):
+    dense = kron(a[group], g[group]) + damping * np.eye(20)
+    ref = np.linalg.solve(dense, group_matrix(grads, group).ravel()).reshape(10, 2)
+    assert relative_error(group_matrix(updates, group), ref) < 1e-4, group
 
 
-def test_params_nested_under_another_key_are_found_by_identity():
+def test_parameters_outside_layers_get_the_fallback():
+  """A parameter no captured layer uses is found wherever it sits in the params tree; it gets the
+  diagonal fallback N g² (damped like a Kronecker block of that mean eigenvalue), or passes
+  through with fallback='none'."""
   model = MLP()
-  x = jnp.ones((3, 2))
-  params = {'model': model.init(jax.random.key(0), x)['params'], 'scale': jnp.ones(())}
+  x = jax.random.normal(jax.random.key(0), (3, 2))
+  y = jnp.array([0, 1, 3])
+  params = {'model': jax.jit(model.init)(jax.random.key(1), x)['params'],
+            'scale': 1.5 * jnp.ones(())}
   loss_fn = lambda p: p['scale'] * kfax.softmax_cross_entropy(
-      model.apply({'params': p['model']}, x), jnp.zeros(3, int))
-  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params)
+      model.apply({'params': p['model']}, x), y)
+  grad_fn = kfax.value_grad_and_stats(loss_fn, fisher='empirical')
+  _, grads, stats = jax.jit(grad_fn)(params)
+  table = grad_fn.layers(params)
+  assert set(stats) == {'model/Dense_0', 'model/Dense_1', 'scale'}
+  assert table.entries['scale'].curvature == 'diagonal'
+  assert 'not used by any module call capture saw' in kfax.summary(table)
+  diag = 3 * float(grads['scale']) ** 2  # N g², N = 3 examples
+  assert_close(stats['scale']['diag'], diag, rtol=1e-6)
+  damping = 1e-4
+  tx = kfax.kfac(table, damping=damping, norm_constraint=None)  # factored damping
+  updates, _ = jax.jit(lambda g, p, st: tx.update(g, tx.init(p), stats=st))(grads, params, stats)
+  shift = 2 * np.sqrt(damping * diag) + damping
+  assert_close(updates['scale'], float(grads['scale']) / (diag + shift), rtol=1e-5)
+  dense = lambda tree: tree['model']['Dense_0']['kernel']
+  assert relative_error(dense(updates), dense(grads)) > 0.1  # K-FAC still preconditions the MLP
+
+  grad_fn = kfax.value_grad_and_stats(loss_fn, fisher='empirical', fallback='none')
+  _, grads, stats = jax.jit(grad_fn)(params)
+  table = grad_fn.layers(params)
   assert set(stats) == {'model/Dense_0', 'model/Dense_1'}
-  tx = kfax.kfac()
-  updates, _ = tx.update(grads, tx.init(params), stats=stats)
-  assert_close(updates['scale'], grads['scale'])
+  assert table.entries['scale'].curvature == 'none'
+  tx = kfax.kfac(table)
+  updates, _ = jax.jit(lambda g, p, st: tx.update(g, tx.init(p), stats=st))(grads, params, stats)
+  np.testing.assert_array_equal(updates['scale'], grads['scale'])
+  dense = lambda tree: tree['model']['Dense_0']['kernel']
+  assert relative_error(dense(updates), dense(grads)) > 0.1  # K-FAC still preconditions the MLP
 
 
 def _tiny():
@@ -213,14 +278,22 @@ def test_errors():
   ce = lambda p: kfax.softmax_cross_entropy(model.apply({'params': p}, x), jnp.zeros(3, int))
   with pytest.raises(ValueError, match=r"`fisher` must be one of \('empirical', 'mc'\), got 'exact'"):
     kfax.value_grad_and_stats(ce, fisher='exact')
+  with pytest.raises(ValueError, match=r"`sequence` must be one of \('expand', 'reduce'\)"):
+    kfax.value_grad_and_stats(ce, sequence='sum')
+  with pytest.raises(ValueError, match=r"`fallback` must be one of \('diagonal', 'none'\)"):
+    kfax.value_grad_and_stats(ce, fallback='identity')
   with pytest.raises(ValueError, match=r'fisher="mc" samples targets and needs a PRNG key'):
-    kfax.value_grad_and_stats(ce, fisher='mc')(params)
+    kfax.value_grad_and_stats(ce)(params)  # "mc" is the default
   plain = lambda p: optax.softmax_cross_entropy_with_integer_labels(
       model.apply({'params': p}, x), jnp.zeros(3, int)).mean()
   with pytest.raises(ValueError, match=r'fisher="mc" needs the loss to be built from'
                      r' kfax.softmax_cross_entropy'):
     kfax.value_grad_and_stats(plain, fisher='mc')(params, rng=jax.random.key(0))
   with pytest.raises(ValueError, match='must return a scalar mean loss, got shape'):
-    kfax.value_grad_and_stats(lambda p: model.apply({'params': p}, x))(params)
-  with pytest.raises(ValueError, match=r'called no supported layer \(flax.linen.Dense'):
-    kfax.value_grad_and_stats(lambda p: jnp.sum(p['Dense_0']['kernel']))(params)
+    kfax.value_grad_and_stats(lambda p: model.apply({'params': p}, x), fisher='empirical')(params)
+  with pytest.raises(ValueError, match=r'returned a tuple; if it is \(loss, aux\), pass has_aux'):
+    kfax.value_grad_and_stats(lambda p: (ce(p), 0), fisher='empirical')(params)
+  # A loss that calls no layer: nothing raises, every parameter gets the diagonal fallback.
+  table = kfax.value_grad_and_stats(lambda p: jnp.sum(p['Dense_0']['kernel'])).layers(params)
+  assert {e.curvature for e in table.entries.values()} == {'diagonal'}
+  assert set(table.entries) == {'Dense_0/kernel', 'Dense_0/bias', 'Dense_1/kernel', 'Dense_1/bias'}

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import kfax
 from kfax import _distributed, _sharded
-from kfax._params import find_layers
+from kfax._table import Entry
 
 DEVICES = 8
 pytestmark = pytest.mark.skipif(jax.device_count() < DEVICES, reason='needs 8 (CPU) devices')
@@ -35,6 +35,10 @@ def loss_fn(params, x, y):
   return kfax.softmax_cross_entropy(MODEL.apply({'params': params}, x), y)
 
 
+# The empirical Fisher is deterministic: devices and micro-batches see the 1-device statistics.
+GRAD_FN = kfax.value_grad_and_stats(loss_fn, fisher='empirical')
+
+
 def _data(steps=3, batch=16):
   keys = jax.random.split(jax.random.key(0), steps)
   xs = jnp.stack([jax.random.normal(k, (batch, 6, 6, 2)) for k in keys])
@@ -43,9 +47,20 @@ def _data(steps=3, batch=16):
   return params, xs, ys
 
 
+@functools.lru_cache(maxsize=None)
+def _table():
+  params, xs, ys = _data()
+  return GRAD_FN.layers(params, xs[0], ys[0])
+
+
 def _tx(axis_name=None, **kwargs):
-  return optax.chain(kfax.kfac(damping=1e-2, inverse_every=2, axis_name=axis_name, **kwargs),
-                     optax.sgd(0.1, momentum=0.9))
+  return optax.chain(
+      kfax.kfac(_table(), damping=1e-2, inverse_every=2, axis_name=axis_name, **kwargs),
+      optax.sgd(0.1, momentum=0.9))
+
+
+def _replicate(tree):
+  return jax.tree.map(lambda v: jnp.broadcast_to(v, (DEVICES, *v.shape)), tree)
 
 
 def _train(step_fn, params, xs, ys, state):
@@ -71,7 +86,7 @@ def _step(tx, grad_and_stats, params, state, x, y, with_stats):
 
 def _local(params, x, y, with_stats):
   if with_stats:
-    _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
+    _, grads, stats = GRAD_FN(params, x, y)
     return grads, stats
   return jax.grad(loss_fn)(params, x, y), None
 
@@ -101,11 +116,10 @@ def test_pmap_matches_one_device(gather, damping_mode):
 
   step = jax.pmap(functools.partial(_step, tx, grad_and_stats), axis_name='batch',
                   static_broadcasted_argnums=4)
-  replicate = lambda t: jax.tree.map(lambda v: jnp.broadcast_to(v, (DEVICES, *v.shape)), t)
   shard = lambda v: v.reshape(v.shape[0], DEVICES, -1, *v.shape[2:])
   # gather='gradients' keeps a different share of the state on each device: init per device.
-  state = jax.pmap(tx.init, axis_name='batch')(replicate(params))
-  out = _train(step, replicate(params), shard(xs), shard(ys), state)
+  state = jax.pmap(tx.init, axis_name='batch')(_replicate(params))
+  out = _train(step, _replicate(params), shard(xs), shard(ys), state)
   _assert_same(jax.tree.map(lambda v: v[0], out), damping_mode)
 
 
@@ -153,11 +167,10 @@ def test_sharded_jit_matches_one_device(split):
 
 def test_statistics_are_averaged_in_one_packed_all_reduce():
   params, xs, ys = _data()
-  _, _, stats = kfax.value_grad_and_stats(loss_fn)(params, xs[0], ys[0])
+  _, grads, stats = GRAD_FN(params, xs[0], ys[0])
   for dtype, itemsize in (('float32', 4), ('bfloat16', 2)):
     fn = lambda s: _distributed.mean_statistics(s, 'batch', jnp.dtype(dtype))
-    jaxpr = jax.make_jaxpr(jax.pmap(fn, axis_name='batch'))(
-        jax.tree.map(lambda v: jnp.broadcast_to(v, (DEVICES, *v.shape)), stats))
+    jaxpr = jax.make_jaxpr(jax.pmap(fn, axis_name='batch'))(_replicate(stats))
     (psum,) = _equations(jaxpr.jaxpr, 'psum')  # pmean is one psum of one buffer
     sizes = [m.shape[0] for m in jax.tree.leaves(stats)]
     packed = sum(n * (n + 1) // 2 for n in sizes)
@@ -165,6 +178,15 @@ def test_statistics_are_averaged_in_one_packed_all_reduce():
     assert operand.aval.shape == (packed,) and operand.aval.dtype.itemsize == itemsize
     # Bytes per statistics step: Σ n(n+1)/2 · itemsize, about half of the Σ n² · 4 unpacked.
     assert packed * itemsize < 0.6 * sum(n * n for n in sizes) * 4
+  # kfac's own update: outside the refresh, exactly one all-reduce, of that packed buffer.
+  for dtype, itemsize in (('float32', 4), ('bfloat16', 2)):
+    tx = kfax.kfac(_table(), axis_name='batch', comm_dtype=dtype)
+    step = lambda g, s, st: tx.update(g, s, stats=st)[0]
+    jaxpr = jax.make_jaxpr(jax.pmap(step, axis_name='batch'))(
+        _replicate(grads), _replicate(tx.init(params)), _replicate(stats)).jaxpr
+    (psum,) = _equations(jaxpr, 'psum', skip='cond')
+    (operand,) = psum.invars
+    assert operand.aval.shape == (packed,) and operand.aval.dtype.itemsize == itemsize
   roundtrip = _distributed.unpack_symmetric(
       _distributed.pack_symmetric(jax.tree.leaves(stats), jnp.float32), jax.tree.leaves(stats))
   jax.tree.map(np.testing.assert_array_equal, roundtrip, jax.tree.leaves(stats))
@@ -203,12 +225,14 @@ def _subjaxprs(eqn):
         yield getattr(item, 'jaxpr', item)
 
 
-def _equations(jaxpr, name: str) -> list:
-  """Every equation of primitive `name` in a jaxpr and the jaxprs nested in it."""
+def _equations(jaxpr, name: str, skip: str | None = None) -> list:
+  """Every equation of primitive `name` in a jaxpr and the jaxprs nested in it, except those
+  nested in equations of primitive `skip`."""
   found = [e for e in jaxpr.eqns if e.primitive.name == name]
   for eqn in jaxpr.eqns:
-    for sub in _subjaxprs(eqn):
-      found += _equations(sub, name)
+    if eqn.primitive.name != skip:
+      for sub in _subjaxprs(eqn):
+        found += _equations(sub, name, skip)
   return found
 
 
@@ -219,11 +243,10 @@ def _eigh_matrices(jaxpr) -> int:
 
 def test_each_device_decomposes_only_its_share():
   params, xs, ys = _data()
-  _, _, stats = kfax.value_grad_and_stats(loss_fn)(params, xs[0], ys[0])
+  _, _, stats = GRAD_FN(params, xs[0], ys[0])
   work = {(side, k): v[f'{side}_factor'] for k, v in stats.items() for side in 'ag'}
   fn = lambda w: _distributed.split_work(kfax._inverse.eigendecompose, w, 'batch')
-  jaxpr = jax.make_jaxpr(jax.pmap(fn, axis_name='batch'))(
-      jax.tree.map(lambda v: jnp.broadcast_to(v, (DEVICES, *v.shape)), work)).jaxpr
+  jaxpr = jax.make_jaxpr(jax.pmap(fn, axis_name='batch'))(_replicate(work)).jaxpr
   (switch,) = _equations(jaxpr, 'cond')
   per_device = [_eigh_matrices(b.jaxpr) for b in switch.params['branches']]
   owned = _distributed.assign({k: float(m.shape[0]) ** 3 for k, m in work.items()}, DEVICES)
@@ -239,7 +262,7 @@ def test_accumulated_micro_batches_equal_one_batch():
   """4 micro-batches of 4 give the loss, gradients and statistics of one batch of 16 (the
   empirical Fisher is deterministic, so up to float32 rounding: 1e-5, on entries up to ~25)."""
   params, xs, ys = _data()
-  grad_fn = kfax.value_grad_and_stats(loss_fn)
+  grad_fn = GRAD_FN
   whole = grad_fn(params, xs[0], ys[0])
   accumulated = jax.jit(kfax.accumulate(grad_fn, 4))(params, xs[0], ys[0])
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -257,23 +280,25 @@ def test_accumulation_communicates_once_per_update():
   tx = _tx('batch')
 
   def step(acc_iters, params, state, x, y):
-    grad_fn = kfax.accumulate(kfax.value_grad_and_stats(loss_fn), acc_iters)
+    grad_fn = kfax.accumulate(GRAD_FN, acc_iters)
     _, grads, stats = grad_fn(params, x, y)
     updates, state = tx.update(jax.lax.pmean(grads, 'batch'), state, params, stats=stats)
     return updates
 
   shard = lambda v: v.reshape(DEVICES, -1, *v.shape[1:])
-  replicate = lambda t: jax.tree.map(lambda v: jnp.broadcast_to(v, (DEVICES, *v.shape)), t)
   collectives = []
   for acc_iters in (1, 2):
     jaxpr = jax.make_jaxpr(jax.pmap(functools.partial(step, acc_iters), axis_name='batch'))(
-        replicate(params), replicate(tx.init(params)), shard(xs[0]), shard(ys[0]))
+        _replicate(params), _replicate(tx.init(params)), shard(xs[0]), shard(ys[0]))
     collectives.append(len(_equations(jaxpr.jaxpr, 'psum')))
   assert collectives[0] == collectives[1]
 
 
-def _replicate(tree):
-  return jax.tree.map(lambda v: jnp.broadcast_to(v, (DEVICES, *v.shape)), tree)
+def _kronecker_entry(key, d_in, d_out):
+  """A table entry of one dense Kronecker layer with factors of sizes (d_in, d_out)."""
+  return Entry(key=key, kind='conv', curvature='kronecker', leaves=(f'{key}/kernel',),
+               layout=(None,), stack=(), blocks=(), dims=(d_in, d_out), diag=(False, False),
+               roles=(('apply', (False, True)),), note='')
 
 
 def test_gradients_gather_shards_the_state_and_all_reduces_gradients_once():
@@ -281,22 +306,28 @@ def test_gradients_gather_shards_the_state_and_all_reduces_gradients_once():
   statistics by one reduce-scatter, decomposes them alone, and one all-reduce of exactly the
   layers' gradient size gathers the preconditioned gradients."""
   params, xs, ys = _data()
-  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, xs[0], ys[0])
-  tx = kfax.kfac(axis_name='batch', gather='gradients', damping_mode='eigen')
+  _, grads, stats = GRAD_FN(params, xs[0], ys[0])
+  table = _table()
+  entries = table.of('kronecker')
+  assert len(entries) == len(table.entries) == 4  # 2 convs, 2 dense: all Kronecker
+  tx = kfax.kfac(table, axis_name='batch', gather='gradients', damping_mode='eigen')
   state = jax.pmap(tx.init, axis_name='batch')(_replicate(params))
   step = lambda g, s, st: tx.update(g, s, stats=st)[0]
   jaxpr = jax.make_jaxpr(jax.pmap(step, axis_name='batch'))(
       _replicate(grads), state, _replicate(stats)).jaxpr
-  dims = {k: slots.dims for k, slots in find_layers(params).items()}
-  layout = _sharded.layout(dims, DEVICES, eigen=True)
+  dims = {k: e.dims for k, e in entries.items()}
+  layout = _sharded.layout(entries, DEVICES, eigen=True)
   assert state.shard.shape == (DEVICES, layout.shard_size)
+  assert state.factors == {} and state.decompositions == {}  # nothing replicated
   (scatter,) = _equations(jaxpr, 'reduce_scatter')
   packed = sum(n * (n + 1) // 2 for d in dims.values() for n in d)
   assert scatter.invars[0].aval.shape == (DEVICES * layout.stats_size,)
   assert packed <= DEVICES * layout.stats_size
-  # Besides two scalars (finite statistics, failed refresh): one gradient-sized all-reduce.
+  # Besides the per-layer non-finite statistics flags and the failed-refresh scalar: one
+  # all-reduce of exactly the Kronecker layers' gradient size.
   reduced = sorted(int(np.prod(v.aval.shape)) for e in _equations(jaxpr, 'psum') for v in e.invars)
-  assert reduced == [1, 1, sum(a * g for a, g in dims.values())]
+  assert reduced == [1, len(entries), sum(a * g for a, g in dims.values())]
+  assert sum(a * g for a, g in dims.values()) == sum(v.size for v in jax.tree.leaves(params))
   (switch,) = [e for e in _equations(jaxpr, 'cond') if _equations(e.params['branches'][0].jaxpr,
                                                                      'eigh')]
   per_device = [_eigh_matrices(b.jaxpr) for b in switch.params['branches']]
@@ -304,27 +335,29 @@ def test_gradients_gather_shards_the_state_and_all_reduces_gradients_once():
   # On ResNet-50 a device's share is at most 1.1 / devices of the replicated state, and the
   # reduce-scatter's padded buffer at most 1.5x the packed factors (a reduce-scatter moves half
   # of what an all-reduce of the same buffer moves: at most 0.75 of the replicated mode's).
-  dims = {str(i): d for i, d in enumerate(_resnet50_factor_sizes())}
-  replicated = sum(2 * n * n + n for d in dims.values() for n in d)  # factor, eigvecs, eigvals
-  packed = sum(n * (n + 1) // 2 for d in dims.values() for n in d)
+  entries = {str(i): _kronecker_entry(str(i), *d) for i, d in enumerate(_resnet50_factor_sizes())}
+  replicated = sum(2 * n * n + n for e in entries.values() for n in e.dims)  # factor, eigh
+  packed = sum(n * (n + 1) // 2 for e in entries.values() for n in e.dims)
   for devices in (2, 4, 8):
-    layout = _sharded.layout(dims, devices, eigen=True)
+    layout = _sharded.layout(entries, devices, eigen=True)
+    assert sorted(k for keys in layout.owned for k in keys) == sorted(entries)
     assert layout.shard_size <= 1.1 * replicated / devices
     assert devices * layout.stats_size <= 1.5 * packed
 
 
 def test_distributed_configuration_errors():
   params = _data()[0]
+  table = _table()
   mesh = jax.make_mesh((DEVICES,), ('data',), axis_types=(AxisType.Auto,))
   with pytest.raises(ValueError, match=r"gather='gradients' needs `axis_name`"):
-    kfax.kfac(gather='gradients')
+    kfax.kfac(table, gather='gradients')
   with pytest.raises(ValueError, match=r'`mesh` needs `axis_name`'):
-    kfax.kfac(mesh=mesh)
+    kfax.kfac(table, mesh=mesh)
   with pytest.raises(ValueError, match=r"`axis_name` 'batch' is not an axis of `mesh`"):
-    kfax.kfac(axis_name='batch', mesh=mesh)
+    kfax.kfac(table, axis_name='batch', mesh=mesh)
   with pytest.raises(ValueError, match=r'`gather` must be one of'):
-    kfax.kfac(axis_name='data', gather='layers')
+    kfax.kfac(table, axis_name='data', gather='layers')
   with pytest.raises(ValueError, match=r'wrap the step in jax.shard_map'):
-    kfax.kfac(axis_name='data', mesh=mesh, gather='gradients')
+    kfax.kfac(table, axis_name='data', mesh=mesh, gather='gradients')
   with pytest.raises(ValueError, match=r"the axis 'data' is not bound.*inside jax.pmap"):
-    kfax.kfac(axis_name='data', gather='gradients').init(params)
+    kfax.kfac(table, axis_name='data', gather='gradients').init(params)

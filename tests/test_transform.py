@@ -19,13 +19,20 @@ class CNN(nn.Module):
 
 
 def _problem(seed=0):
+  """params, loss, batch and the loss's layer table (Conv_0 and Dense_0, both Kronecker)."""
   model = CNN()
   kx, ky = jax.random.split(jax.random.key(seed))
   x = jax.random.normal(kx, (8, 6, 6, 1))
   y = jax.random.randint(ky, (8,), 0, 3)
   params = model.init(jax.random.key(1), x)['params']
   loss_fn = lambda p, x, y: kfax.softmax_cross_entropy(model.apply({'params': p}, x), y)
-  return params, loss_fn, x, y
+  table = kfax.value_grad_and_stats(loss_fn).layers(params, x, y)
+  return params, loss_fn, x, y, table
+
+
+def _stats(loss_fn, params, x, y):
+  """(loss, grads, stats) with the MC Fisher (the default) from a fixed key."""
+  return kfax.value_grad_and_stats(loss_fn)(params, x, y, rng=jax.random.key(0))
 
 
 def _steps(tx, loss_fn):
@@ -46,8 +53,9 @@ def _steps(tx, loss_fn):
 
 @pytest.mark.parametrize('mode', ['eigen', 'factored'])
 def test_jit_compiles_once_across_refresh_and_no_stats_steps(mode):
-  params, loss_fn, x, y = _problem()
-  tx = optax.chain(kfax.kfac(damping=1e-2, inverse_every=3, damping_mode=mode), optax.sgd(0.05))
+  params, loss_fn, x, y, table = _problem()
+  tx = optax.chain(kfax.kfac(table, damping=1e-2, inverse_every=3, damping_mode=mode),
+                   optax.sgd(0.05))
   with_stats, without_stats = _steps(tx, loss_fn)
   with_stats, stats_traces = compile_counter(with_stats)
   without_stats, plain_traces = compile_counter(without_stats)
@@ -65,67 +73,69 @@ def test_jit_compiles_once_across_refresh_and_no_stats_steps(mode):
 
 
 def test_stats_none_keeps_factors_and_refresh_follows_the_period():
-  params, loss_fn, x, y = _problem()
-  tx = kfax.kfac(inverse_every=4, ema_decay=0.5, damping_mode='eigen')
+  params, loss_fn, x, y, table = _problem()
+  tx = kfax.kfac(table, inverse_every=4, ema_decay=0.5, damping_mode='eigen')
   state = tx.init(params)
-  grad_fn = kfax.value_grad_and_stats(loss_fn)
-  _, grads, stats = grad_fn(params, x, y)
+  _, grads, stats = _stats(loss_fn, params, x, y)
   update = jax.jit(lambda g, s, st: tx.update(g, s, stats=st))
   _, s1 = update(grads, state, stats)  # count 0: first stats, refresh
-  assert_close(s1.a_factor['Conv_0'], stats['Conv_0']['a_factor'])  # first stats replace
+  conv = stats['Conv_0']['a_factor']
+  assert_close(s1.factors['Conv_0']['a_factor'], conv)  # first stats replace
   _, s2 = update(grads, s1, None)  # count 1: nothing changes
-  jax.tree.map(np.testing.assert_array_equal, s2.a_factor, s1.a_factor)
+  jax.tree.map(np.testing.assert_array_equal, s2.factors, s1.factors)
   _, s3 = update(grads, s2, jax.tree.map(lambda s: 3.0 * s, stats))  # count 2: EMA, no refresh
-  assert_close(s3.a_factor['Conv_0'], 0.5 * stats['Conv_0']['a_factor']
-               + 0.5 * 3.0 * stats['Conv_0']['a_factor'], rtol=1e-6)
-  jax.tree.map(np.testing.assert_array_equal, s3.a_eigvals, s1.a_eigvals)
+  assert_close(s3.factors['Conv_0']['a_factor'], 0.5 * conv + 0.5 * 3.0 * conv, rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, s3.decompositions, s1.decompositions)
   _, s4 = update(grads, s3, None)  # count 3
   _, s5 = update(grads, s4, None)  # count 4: refresh
-  assert_close(s5.a_eigvals['Conv_0'], 2.0 * s1.a_eigvals['Conv_0'], rtol=1e-4, atol=1e-6)
+  assert_close(s5.decompositions['Conv_0']['a_eigvals'],
+               2.0 * s1.decompositions['Conv_0']['a_eigvals'], rtol=1e-4, atol=1e-6)
   assert [int(s.count) for s in (s1, s2, s3, s4, s5)] == [1, 2, 3, 4, 5]
+  assert {k: int(c) for k, c in s5.stats_count.items()} == {'Conv_0': 2, 'Dense_0': 2}
 
 
 def test_gradients_pass_through_until_statistics_arrive():
-  params, loss_fn, x, y = _problem()
-  tx = kfax.kfac()
+  params, loss_fn, x, y, table = _problem()
+  tx = kfax.kfac(table)
   grads = jax.grad(loss_fn)(params, x, y)
   updates, _ = tx.update(grads, tx.init(params), stats=None)
   jax.tree.map(np.testing.assert_array_equal, updates, grads)
 
 
 def test_nan_statistics_leave_the_factors_unchanged():
-  params, loss_fn, x, y = _problem()
-  tx = kfax.kfac()
-  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
+  params, loss_fn, x, y, table = _problem()
+  tx = kfax.kfac(table)
+  _, grads, stats = _stats(loss_fn, params, x, y)
   _, state = tx.update(grads, tx.init(params), stats=stats)
   bad = jax.tree.map(lambda s: s.at[0, 0].set(jnp.nan), stats)
   updates, new_state = jax.jit(lambda g, s, st: tx.update(g, s, stats=st))(grads, state, bad)
-  jax.tree.map(np.testing.assert_array_equal, new_state.a_factor, state.a_factor)
+  jax.tree.map(np.testing.assert_array_equal, new_state.factors, state.factors)
   jax.tree.map(np.testing.assert_array_equal, new_state.stats_count, state.stats_count)
   assert int(new_state.skipped_stats) == 1 and int(new_state.failed_refreshes) == 0
   assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
 
 
 def test_a_failing_refresh_keeps_the_last_good_inverse():
-  params, loss_fn, x, y = _problem()
-  tx = kfax.kfac(damping_mode='factored', inverse_every=1, ema_decay=0.0)
-  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
+  params, loss_fn, x, y, table = _problem()
+  tx = kfax.kfac(table, damping_mode='factored', inverse_every=1, ema_decay=0.0)
+  _, grads, stats = _stats(loss_fn, params, x, y)
   _, state = tx.update(grads, tx.init(params), stats=stats)
   # Finite but negative definite: the Cholesky factorization fails and yields NaN.
   bad = {k: {'a_factor': -10.0 * jnp.eye(v['a_factor'].shape[0]), 'g_factor': v['g_factor']}
          for k, v in stats.items()}
   updates, new_state = jax.jit(lambda g, s, st: tx.update(g, s, stats=st))(grads, state, bad)
   assert int(new_state.failed_refreshes) == 1 and int(new_state.skipped_stats) == 0
-  jax.tree.map(np.testing.assert_array_equal, new_state.a_inverse, state.a_inverse)
+  jax.tree.map(np.testing.assert_array_equal, new_state.decompositions, state.decompositions)
+  assert set(state.decompositions['Conv_0']) == {'a_inverse', 'g_inverse'}
   assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
 
 
 def test_inject_hyperparams_and_state_stable_under_lax_cond():
-  params, loss_fn, x, y = _problem()
-  tx = optax.inject_hyperparams(kfax.kfac)(damping=1e-3, ema_decay=0.9, inverse_every=2,
+  params, loss_fn, x, y, table = _problem()
+  tx = optax.inject_hyperparams(kfax.kfac)(table, damping=1e-3, ema_decay=0.9, inverse_every=2,
                                           damping_mode='eigen', norm_constraint=None)
   state = tx.init(params)
-  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
+  _, grads, stats = _stats(loss_fn, params, x, y)
 
   @jax.jit
   def step(state, pred):
@@ -143,20 +153,20 @@ def test_inject_hyperparams_and_state_stable_under_lax_cond():
 
 
 def test_norm_constraint_bounds_the_fisher_norm():
-  params, loss_fn, x, y = _problem()
-  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
-  free = kfax.kfac(damping=1e-3, norm_constraint=None)
+  params, loss_fn, x, y, table = _problem()
+  _, grads, stats = _stats(loss_fn, params, x, y)
+  free = kfax.kfac(table, damping=1e-3, norm_constraint=None)
   v, _ = free.update(grads, free.init(params), stats=stats)
   fisher_norm = float(optax.tree.vdot(v, grads))
-  bounded = kfax.kfac(damping=1e-3, norm_constraint=fisher_norm / 4)
+  bounded = kfax.kfac(table, damping=1e-3, norm_constraint=fisher_norm / 4)
   w, _ = bounded.update(grads, bounded.init(params), stats=stats)
   jax.tree.map(lambda a, b: assert_close(a, 0.5 * b, rtol=1e-5, atol=1e-8), w, v)
 
 
 def test_checkpoint_round_trip_gives_bit_identical_updates(tmp_path):
   ocp = pytest.importorskip('orbax.checkpoint')
-  params, loss_fn, x, y = _problem()
-  tx = optax.chain(kfax.kfac(inverse_every=2), optax.sgd(0.1, momentum=0.9))
+  params, loss_fn, x, y, table = _problem()
+  tx = optax.chain(kfax.kfac(table, inverse_every=2), optax.sgd(0.1, momentum=0.9))
   with_stats, _ = _steps(tx, loss_fn)
   with_stats = jax.jit(with_stats)
   state = tx.init(params)
@@ -184,30 +194,57 @@ def test_checkpoint_round_trip_gives_bit_identical_updates(tmp_path):
                                     r" got 'tikhonov'"),
 ])
 def test_bad_configuration_raises_at_construction(kwargs, match):
+  table = _problem()[-1]
   with pytest.raises(ValueError, match=match):
-    kfax.kfac(**kwargs)
+    kfax.kfac(table, **kwargs)
 
 
 def test_bad_comm_dtype_raises():
+  table = _problem()[-1]
   with pytest.raises(ValueError, match=r'`comm_dtype` must be float32, bfloat16 or float16, got int8'):
-    kfax.kfac(axis_name='batch', comm_dtype='int8')
+    kfax.kfac(table, axis_name='batch', comm_dtype='int8')
+
+
+def test_the_layer_table_is_required():
+  params = _problem()[0]
+  with pytest.raises(TypeError, match=r'the first argument is the layer table of the loss, '
+                     r'`kfax.value_grad_and_stats\(loss_fn\).layers\(params, \*batch\)`; got dict'):
+    kfax.kfac(params)
 
 
 def test_mismatched_trees_and_statistics_raise():
-  params, loss_fn, x, y = _problem()
-  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
-  tx = kfax.kfac()
+  params, loss_fn, x, y, table = _problem()
+  _, grads, stats = _stats(loss_fn, params, x, y)
+  tx = kfax.kfac(table)
   state = tx.init(params)
   wrong = dict(stats, Conv_0={'a_factor': jnp.eye(5), 'g_factor': jnp.eye(4)})
-  with pytest.raises(ValueError, match=r"layer 'Conv_0': capture saw factors of shapes A \(5, 5\)"):
+  with pytest.raises(ValueError, match=r"`stats` do not match the layer table \(missing \[\],"
+                     r" unknown \[\], other shapes \['Conv_0'\]\)"):
     tx.update(grads, state, stats=wrong)
-  with pytest.raises(ValueError, match=r"statistics for \['Other_0'\], which are not kernels"):
+  with pytest.raises(ValueError,
+                     match=r"\(missing \[\], unknown \['Other_0'\], other shapes \[\]\)"):
     tx.update(grads, state, stats=dict(stats, Other_0=stats['Conv_0']))
+  with pytest.raises(ValueError,
+                     match=r"\(missing \['Dense_0'\], unknown \[\], other shapes \[\]\)"):
+    tx.update(grads, state, stats={'Conv_0': stats['Conv_0']})
+  with pytest.raises(TypeError, match=r'`stats` must be the dict of statistics'):
+    tx.update(grads, state, stats=[stats])
   other = dict(grads, Dense_0={'kernel': jnp.zeros((7, 3)), 'bias': jnp.zeros(3)})
-  with pytest.raises(ValueError, match=r"layer 'Dense_0' has kernel shape \(7, 3\), which does not"):
+  with pytest.raises(ValueError, match=r"the updates do not match the layer table the optimizer"
+                     r" was built with \(missing \[\], unknown \[\],"
+                     r" other shapes \['Dense_0/kernel'\]\)"):
     tx.update(other, state, stats=None)
-  with pytest.raises(ValueError, match=r"the updates lack the layers \['Dense_0'\]"):
+  with pytest.raises(ValueError, match=r"the updates do not match.*missing \['Dense_0/bias',"
+                     r" 'Dense_0/kernel'\]"):
     tx.update({'Conv_0': grads['Conv_0']}, state, stats=None)
+  with pytest.raises(ValueError,
+                     match=r"the params do not match the layer table.*unknown \['extra'\]"):
+    tx.init(dict(params, extra=jnp.zeros(2)))
+  with pytest.raises(TypeError, match=r'update needs the statistics of this step.*explicit'
+                     r' `stats=None` on steps that computed none\.$'):
+    tx.update(grads, state, params)
+  with pytest.raises(TypeError, match=r'\(got `stat=`: a misspelling\?\)'):
+    tx.update(grads, state, params, stat=stats)
 
 
 def test_docstring_examples_run():
@@ -219,9 +256,9 @@ def test_docstring_examples_run():
 
 
 def test_inject_hyperparams_with_the_defaults():
-  params, loss_fn, x, y = _problem()
-  tx = optax.chain(optax.inject_hyperparams(kfax.kfac)(), optax.sgd(0.1))
-  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
+  params, loss_fn, x, y, table = _problem()
+  tx = optax.chain(optax.inject_hyperparams(kfax.kfac)(table), optax.sgd(0.1))
+  _, grads, stats = _stats(loss_fn, params, x, y)
   updates, state = jax.jit(lambda s: tx.update(grads, s, params, stats=stats))(tx.init(params))
   assert float(state[0].hyperparams['norm_constraint']) == pytest.approx(1e-3)
   # The default norm constraint holds: vᵀg <= c for the preconditioned layers (all, here).
@@ -230,9 +267,9 @@ def test_inject_hyperparams_with_the_defaults():
 
 def test_state_can_be_donated():
   """Every state leaf is its own buffer: a jit that donates the state runs (no shared zeros)."""
-  params, loss_fn, x, y = _problem()
-  tx = optax.chain(kfax.kfac(), optax.sgd(0.1))
-  _, grads, stats = kfax.value_grad_and_stats(loss_fn)(params, x, y)
+  params, loss_fn, x, y, table = _problem()
+  tx = optax.chain(kfax.kfac(table), optax.sgd(0.1))
+  _, grads, stats = _stats(loss_fn, params, x, y)
   step = jax.jit(lambda s: tx.update(grads, s, params, stats=stats)[1], donate_argnums=0)
   state = step(step(tx.init(params)))
   assert int(state[0].count) == 2
