@@ -77,6 +77,9 @@ import optax
 
 import kfax
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import time_to_accuracy  # noqa: E402  (its `finite` and the digits example it loads)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / 'results'
 
@@ -211,19 +214,6 @@ def lm_sort_task(batch_size: int = 32, max_steps: int = 500, target: float = 0.9
               max_steps, batch_size, init, loss, accuracy, batches, test)
 
 
-def digits_data(split_seed: int = 0, test_size: int = 360) -> dict[str, np.ndarray]:
-  """Digits as (N, 8, 8, 1) float32 images in [0, 1] (the split of examples/digits.py)."""
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
-
-  digits = load_digits()
-  images = (digits.images / 16.0).astype(np.float32)[..., None]
-  labels = digits.target.astype(np.int32)
-  x_train, x_test, y_train, y_test = train_test_split(
-      images, labels, test_size=test_size, stratify=labels, random_state=split_seed)
-  return {'x_train': x_train, 'y_train': y_train, 'x_test': x_test, 'y_test': y_test}
-
-
 def batch_indices(n: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
   """(steps, batch_size) example indices: a fresh permutation per epoch, partial batch dropped."""
   rng = np.random.default_rng(seed)
@@ -234,7 +224,7 @@ def batch_indices(n: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
 
 def digits_resnet_task(batch_size: int = 64, max_steps: int = 300, target: float = 0.97) -> Task:
   model = DigitsResNet()
-  data = digits_data()
+  data = time_to_accuracy.digits.load_data()
 
   def init(seed):
     variables = model.init(jax.random.key(seed), data['x_test'][:1], False)
@@ -490,15 +480,6 @@ def table_lines(name: str, result: dict[str, Any], args: argparse.Namespace) -> 
   return lines
 
 
-def finite(tree: Any) -> Any:
-  """`tree` with infinite floats (target never reached) as None, for strict JSON."""
-  if isinstance(tree, dict):
-    return {k: finite(v) for k, v in tree.items()}
-  if isinstance(tree, (list, tuple)):
-    return [finite(v) for v in tree]
-  return None if isinstance(tree, float) and math.isinf(tree) else tree
-
-
 def kfax_source() -> dict[str, Any]:
   """Which kfax ran: the commit, whether kfax/ differs from it, and a digest of its sources."""
   files = sorted((ROOT / 'kfax').glob('*.py'))
@@ -563,7 +544,8 @@ def main(argv: list[str] | None = None) -> None:
   print('\n' + text)
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   with open(args.out, 'w') as f:
-    json.dump(finite({'environment': env, 'settings': vars(args), 'results': results}), f)
+    record = {'environment': env, 'settings': vars(args), 'results': results}
+    json.dump(time_to_accuracy.finite(record), f)
   Path(args.md).write_text(text)
   print(f'wrote {args.md} and {args.out} ({env["wall_s"]:.0f} s)')
 
