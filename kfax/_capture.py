@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -314,6 +312,19 @@ def _combine(table: LayerTable, raw: dict[str, dict], examples: jax.Array) -> St
   return stats
 
 
+def _diagonal(table: LayerTable, sampled: Any, examples: jax.Array) -> Stats:
+  """The fallback's diagonal Fisher, `N ĝ²` per parameter: with `ĝ` the gradient of the mean
+  loss under MC-sampled targets, `E[N ĝ²]` is the diagonal of the per-example Fisher (the
+  examples' sampled gradients are independent with mean zero)."""
+  values = dict(_table.named_leaves(sampled))
+  out = {}
+  for key, e in table.of('diagonal').items():
+    g = values[e.leaves[0]]
+    g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+    out[key] = {'diag': examples * g * g}
+  return out
+
+
 def _check_value(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
   if has_aux:
     if not (isinstance(out, tuple) and len(out) == 2):
@@ -480,12 +491,7 @@ def value_grad_and_stats(
                                                                     strict=True)]
         sampled_aug, = pullback((jnp.zeros_like(loss), cotangents))
         sampled, raw = _table.pop_all(sampled_aug, ACC)
-    stats = _combine(table, raw, examples)
-    values = dict(_table.named_leaves(sampled))
-    for key, e in table.of('diagonal').items():
-      g = values[e.leaves[0]]
-      g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-      stats[key] = {'diag': examples * g * g}
+    stats = {**_combine(table, raw, examples), **_diagonal(table, sampled, examples)}
     return ((loss, aux) if has_aux else loss), grads, stats
 
   value_grad_stats.layers = layers
