@@ -4,9 +4,9 @@ The model is the CIFAR-shape ResNet-18 (3x3 stem, no max-pool, basic blocks [2, 
 `--width` x [1, 2, 4, 8] channels; `--width 64` is the usual 11M-parameter model). BatchNorm
 normalizes over the global batch (`axis_name='data'`) and its running statistics travel as the
 `has_aux` output of `kfax.value_grad_and_stats`; K-FAC preconditions every conv and the
-classifier, and leaves BatchNorm's scales and offsets to SGD. The batch is sharded over a 1-D
-device mesh axis 'data' (`jax.shard_map`, parameters replicated), and `kfax.kfac(axis_name=
-'data')` averages the statistics and splits the refreshes across the devices. Shared code:
+classifier, and BatchNorm's scales and offsets unit-wise. The batch is sharded over a 1-D
+device mesh axis 'data' (`jax.shard_map`, parameters replicated), and `kfax.kfac(table,
+axis_name='data')` averages the statistics and splits the refreshes across the devices. Shared code:
 `examples/_common.py`.
 
 Run:
@@ -24,7 +24,8 @@ loads its own slice of the global batch. `--data tfds` needs `pip install tensor
 tensorflow-datasets`; its preprocessing is per-channel standardization and random flips.
 
 Defaults (untuned starting points, no accuracy claimed): kfax's own K-FAC settings
-(`kfax.kfac()`: factored damping 1e-4, norm constraint 1e-3, EMA 0.95, refresh every 10 updates)
+(`kfax.kfac(table)`: factored damping 1e-4, norm constraint 1e-3, EMA 0.95, refresh every 10
+updates)
 with statistics every 5 steps and MC Fisher, and the usual CIFAR SGD values: lr 0.1 with cosine
 decay, momentum 0.9, weight decay 5e-4 on kernels, global batch 128, 20 epochs. Adam (AdamW)
 uses lr 1e-3.

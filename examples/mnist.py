@@ -2,7 +2,7 @@
 
 The model is chainerkfac's MNIST CNN (`--width 20`: conv 5x5 20, max-pool, conv 5x5 50,
 max-pool, dense 500, dense 10). The batch is sharded over a 1-D device mesh axis 'data'
-(`jax.shard_map`, parameters replicated); `kfax.kfac(axis_name='data')` averages the K-FAC
+(`jax.shard_map`, parameters replicated); `kfax.kfac(table, axis_name='data')` averages the K-FAC
 statistics over it and splits the refreshes across the devices. Statistics every
 `--stats_every` steps, refreshes every `--inverse_every`; `--acc_iters k` accumulates k
 micro-batches (gradients and statistics) per update. Shared code: `examples/_common.py`.
@@ -20,7 +20,7 @@ With `--distributed`, `jax.distributed.initialize()` finds the coordinator itsel
 loads its own slice of the global batch. `--data tfds` needs `pip install tensorflow
 tensorflow-datasets`.
 
-Defaults: kfax's own (`kfax.kfac()`: factored damping 1e-4, norm constraint 1e-3, EMA 0.95,
+Defaults: kfax's own (`kfax.kfac(table)`: factored damping 1e-4, norm constraint 1e-3, EMA 0.95,
 refresh every 10 updates) with statistics every 5 steps, MC Fisher, SGD lr 0.1 and momentum 0.9:
 the settings tuned on the digits CNN of `examples/digits.py`, not tuned on MNIST. SGD and Adam
 (AdamW) use lr 0.03 (momentum 0.9) and 1e-3, untuned. Global batch 128, 5 epochs.

@@ -5,7 +5,7 @@ The model is ResNet-50 v1.5 (7x7/2 stem and 3x3/2 max-pool, bottleneck blocks [3
 `--width` x [1, 2, 4, 8] channels, 4x that out of each block, the stride on the 3x3 conv;
 `--width 64` is the 25.6M-parameter model). BatchNorm normalizes over the global batch
 (`axis_name='data'`). The batch is sharded over a 1-D device mesh axis 'data' (`jax.shard_map`,
-parameters replicated); `kfax.kfac(axis_name='data')` averages the statistics over it and
+parameters replicated); `kfax.kfac(table, axis_name='data')` averages the statistics over it and
 splits the refreshes of ResNet-50's 54 layers across the devices. `--acc_iters k` accumulates k
 micro-batches (gradients and statistics, `kfax.accumulate`) per update and communicates once.
 Shared code: `examples/_common.py`.

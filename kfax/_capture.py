@@ -270,7 +270,8 @@ def _accumulators(table: LayerTable, vma: set) -> dict[str, dict]:
     if e.curvature not in ('kronecker', 'unitwise'):
       continue
     call_blocks = e.blocks[len(e.stack):] or (1,)
-    shapes = {name: e.stack + call_blocks + s[len(e.blocks):] for name, s in e.stat_shapes().items()}
+    shapes = {name: e.stack + call_blocks + s[len(e.blocks):]
+              for name, s in e.stat_shapes().items()}
     if e.curvature == 'unitwise':
       shapes = {'fisher': e.stack + e.stat_shapes()['fisher'][len(e.blocks):]}
 
@@ -306,7 +307,8 @@ def _combine(table: LayerTable, raw: dict[str, dict], examples: jax.Array) -> St
         total[name] = total[name] + value if name in total else value
     if 'g_factor' in total:
       g = total['g_factor']
-      total['g_factor'] = g / jnp.maximum(calls, 1.0).reshape(calls.shape + (1,) * (g.ndim - calls.ndim))
+      per_call = jnp.maximum(calls, 1.0).reshape(calls.shape + (1,) * (g.ndim - calls.ndim))
+      total['g_factor'] = g / per_call
     shapes = e.stat_shapes()
     stats[key] = {n: v.reshape(shapes[n]) for n, v in total.items()}
   return stats
@@ -432,7 +434,8 @@ def value_grad_and_stats(
     traces: list[_Trace] = []
 
     leaves, treedef = jax.tree.flatten((args, kwargs))
-    arrays = [i for i, leaf in enumerate(leaves) if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype')]
+    arrays = [i for i, leaf in enumerate(leaves)
+              if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype')]
 
     def shapes_only(p, values):  # arrays (or ShapeDtypeStructs) traced, anything else static
       full = list(leaves)

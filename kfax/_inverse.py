@@ -82,4 +82,6 @@ def invert(mats: dict[Any, jax.Array]) -> dict[Any, Decomposition]:
 def all_finite(tree) -> jax.Array:
   """One boolean: every leaf of `tree` is finite."""
   leaves = jax.tree.leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+  if not leaves:
+    return jnp.array(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))

@@ -130,7 +130,8 @@ def _linear_spec(lin: Linear, kernel_shape: tuple[int, ...], role: str, params: 
   rows, batch, ins, outs = lin.groups()
   if any(c not in lin.x + lin.kernel for c in lin.y):
     return Unsupported('an output axis from neither operand')
-  summed = [c for c in lin.x + lin.kernel if c not in lin.y and not (c in lin.x and c in lin.kernel)]
+  summed = [c for c in lin.x + lin.kernel
+            if c not in lin.y and not (c in lin.x and c in lin.kernel)]
   if summed or len(set(lin.x)) != len(lin.x) or len(set(lin.kernel)) != len(lin.kernel):
     return Unsupported('an operand summed over, or repeated, outside the contraction')
   if not rows:

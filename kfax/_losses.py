@@ -170,7 +170,7 @@ def _bernoulli_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def sigmoid_binary_cross_entropy(
     logits: jax.Array, labels: jax.Array, *, where: jax.Array | None = None
 ) -> jax.Array:
-  """Mean over examples of the summed sigmoid cross-entropy of their outputs (independent Bernoullis).
+  """Mean over examples of their outputs' summed sigmoid cross-entropy (independent Bernoullis).
 
   Args:
     logits: `(..., outputs)` logits; use `(batch, 1)` for one binary output per example.

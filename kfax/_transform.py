@@ -1,4 +1,5 @@
-"""`kfax.kfac`: K-FAC preconditioning as an optax gradient transformation, around the layer table."""
+"""`kfax.kfac`: K-FAC preconditioning as an optax gradient transformation, around the layer
+table."""
 
 from __future__ import annotations
 
