@@ -76,11 +76,11 @@ def _vma(x: Any) -> set:
 class _Trace:
   """One trace of the loss: records calls (shape-only pass) or taps them (real pass)."""
 
-  def __init__(self, params: Any, taps: dict[str, Any] | None, reduce: bool):
+  def __init__(self, params: Any, shape_only: bool, reduce: bool):
     self.ids = {id(leaf): tuple(p.split('/')) for p, leaf in _table.named_leaves(params)}
     self.shapes = {p: tuple(jnp.shape(leaf)) for p, leaf in _table.named_leaves(params)}
     self.subtrees = _table.subtree_paths(params)
-    self.taps = taps  # None in the shape-only pass; else {key: diag sides} of captured layers
+    self.shape_only = shape_only  # records calls; else taps them
     self.reduce = reduce
     self.records: dict[str, _Record] = {}
     self.marks: list[_Mark] = []
@@ -106,7 +106,7 @@ class _Trace:
     if found is not None and self.active:
       found = (found[0], _kinds.Unsupported(
           f'called inside {self.active[-1]} (a reparameterised kernel)'))
-    if self.taps is None:
+    if self.shape_only:
       self._record(module, found, args, kwargs)
       return self._call(module, next_fun, args, kwargs)
     y = self._call(module, next_fun, args, kwargs)
@@ -116,7 +116,7 @@ class _Trace:
     acc = module.variables.get('params', {}).get(ACC)
     if acc is None or spec.role not in acc:
       return y
-    missing = _vma(_kinds._input(args, kwargs)) - _vma(acc[spec.role]['calls'])
+    missing = _vma(_kinds.call_input(args, kwargs)) - _vma(acc[spec.role]['calls'])
     if missing:
       raise ValueError(
           f'kfax: the statistics of {type(module).__name__} {"/".join(map(str, module.path))}'
@@ -169,7 +169,7 @@ class _Trace:
     if record.stack not in (None, stack):
       record.reasons.append('calls at different stack depths')
     record.stack = stack
-    record.vma |= _vma(_kinds._input(args, kwargs))
+    record.vma |= _vma(_kinds.call_input(args, kwargs))
 
 
 def _diagonal_sides(acc: dict[str, jax.Array]) -> tuple[bool, bool]:
@@ -269,11 +269,10 @@ def _accumulators(table: LayerTable, vma: set) -> dict[str, dict]:
   for key, e in table.entries.items():
     if e.curvature not in ('kronecker', 'unitwise'):
       continue
-    call_blocks = e.blocks[len(e.stack):] or (1,)
+    # One call's Kronecker statistics always have a block axis (size 1 for a plain layer).
+    call_blocks = e.blocks[len(e.stack):] or ((1,) if e.curvature == 'kronecker' else ())
     shapes = {name: e.stack + call_blocks + s[len(e.blocks):]
               for name, s in e.stat_shapes().items()}
-    if e.curvature == 'unitwise':
-      shapes = {'fisher': e.stack + e.stat_shapes()['fisher'][len(e.blocks):]}
 
     def zeros(shape):
       z = jnp.zeros(shape, _STATS_DTYPE())
@@ -442,7 +441,7 @@ def value_grad_and_stats(
       for i, v in zip(arrays, values):
         full[i] = v
       a, k = jax.tree.unflatten(treedef, full)
-      traces.append(_Trace(p, None, reduce))
+      traces.append(_Trace(p, True, reduce))
       return run(p, traces[0], a, k)[0]
 
     jax.eval_shape(shapes_only, params, [leaves[i] for i in arrays])
@@ -476,7 +475,7 @@ def value_grad_and_stats(
     traces: list[_Trace] = []
 
     def forward(p):
-      traces.append(_Trace(p, {}, reduce))
+      traces.append(_Trace(p, False, reduce))
       loss, aux = run(p, traces[-1], args, kwargs)
       marks = traces[-1].marks
       return (loss, [m.output for m in marks]), (aux, _examples(marks, args))

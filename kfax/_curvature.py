@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +27,10 @@ def init_factors(entry: Entry) -> dict[str, jax.Array]:
   """Identity curvature (never used before the first statistics replace it)."""
   out = {}
   for name, shape in entry.stat_shapes().items():
-    if name == 'diag' or (name.endswith('_factor') and entry.diag['ag'.index(name[0])]):
-      out[name] = jnp.ones(shape, jnp.float32)
-    else:
+    if entry.dense(name):
       out[name] = jnp.broadcast_to(jnp.eye(shape[-1], dtype=jnp.float32), shape) + 0.0
+    else:
+      out[name] = jnp.ones(shape, jnp.float32)
   return out
 
 
@@ -180,10 +179,3 @@ def precondition(
     return precondition_diagonal(x, factors['diag'], damping, eigen)
   return x
 
-
-def symmetric(name: str) -> bool:
-  """Whether a statistic is a stack of symmetric matrices (packed as upper triangles)."""
-  return name in ('a_factor', 'g_factor', 'fisher')
-
-
-Tree = Any

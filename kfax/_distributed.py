@@ -76,13 +76,14 @@ def unpack_symmetric(flat: jax.Array, like: list[Any]) -> list[jax.Array]:
 
 
 def mean_statistics(
-    stats: Any, axis_name: AxisName, comm_dtype: Any, symmetric: list[bool] | None = None
+    stats: Any, axis_name: AxisName, comm_dtype: Any,
+    dense: Callable[[str, str], bool] | None = None,
 ) -> Any:
-  """Averages the statistics across devices in one packed all-reduce; `symmetric` (per leaf,
-  default: every square matrix) says which are packed as upper triangles."""
-  leaves, treedef = jax.tree.flatten(stats)
-  if symmetric is None:
-    symmetric = [True] * len(leaves)
+  """Averages `{layer: {name: statistic}}` across devices in one packed all-reduce;
+  `dense(layer, name)` (default: every square matrix) says which are packed as upper triangles."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(stats)
+  leaves = [leaf for _, leaf in paths]
+  symmetric = [True if dense is None else dense(*(str(k.key) for k in p[-2:])) for p, _ in paths]
   flat = jax.lax.pmean(pack(leaves, symmetric, comm_dtype), axis_name)
   return jax.tree.unflatten(treedef, unpack(flat, leaves, symmetric))
 

@@ -176,7 +176,7 @@ def _letters(n: int, skip: str = '') -> str:
 
 def _dense(module: nn.Dense, method: str, args: tuple, kwargs: dict) -> Match:
   """`nn.Dense`: every leading axis of the input is a row; kernel `(in, out)`, bias as A's 1."""
-  x = _input(args, kwargs)
+  x = call_input(args, kwargs)
   rows = _letters(x.ndim - 1, 'io')
   lin = Linear(rows + 'i', 'io', rows + 'o', 'o' if module.use_bias else None)
   shape = (x.shape[-1], module.features)
@@ -193,7 +193,7 @@ def _dense_general(module: nn.DenseGeneral, method: str, args: tuple, kwargs: di
   """`nn.DenseGeneral` (and so attention's query, key, value, out): the contracted `axis` form
   A's side, `features` G's, each index of `batch_dims` is its own Kronecker block, and every
   other input axis is a row."""
-  x = _input(args, kwargs)
+  x = call_input(args, kwargs)
   axis = tuple(a % x.ndim for a in _tuple(module.axis))
   batch_dims = tuple(a % x.ndim for a in _tuple(module.batch_dims))
   features = tuple(_tuple(module.features))
@@ -214,7 +214,7 @@ def _einsum(module: nn.Einsum, method: str, args: tuple, kwargs: dict) -> Match:
   the input form A's side, kernel letters kept in the output G's, letters of all three are
   blocks, input-and-output letters are rows. Anything else (a summed input axis, `...`) gets the
   fallback."""
-  x = _input(args, kwargs)
+  x = call_input(args, kwargs)
   equation = kwargs.get('einsum_str', args[1] if len(args) > 1 else None) or module.einsum_str
   equation = equation.replace(' ', '')
   if '...' in equation or '->' not in equation or equation.count(',') != 1:
@@ -252,7 +252,7 @@ def _embed(module: nn.Embed, method: str, args: tuple, kwargs: dict) -> Match:
     return Spec(kind='embed', role='lookup', n_scaled=(False, True),
                 config=EmbedConfig(v, d), **common)
   if method == 'attend':  # y = x Eᵀ: E's rows (tokens) see output gradients, its columns inputs
-    x = _input(args, kwargs)
+    x = call_input(args, kwargs)
     rows = _letters(x.ndim - 1, 'vd')
     return Spec(kind='embed', role='attend', n_scaled=(True, False),
                 config=Linear(rows + 'd', 'vd', rows + 'v', None), **common)
@@ -301,7 +301,7 @@ def _conv(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Match:
   dilations) and `nn.ConvTranspose`: rows are output positions, A's side a patch in the
   kernel's `(window..., in)` order. `feature_group_count > 1` (grouped, depthwise) gives one
   Kronecker block per group. A kernel `mask` or `transpose_kernel=True` get the fallback."""
-  x = _input(args, kwargs)
+  x = call_input(args, kwargs)
   window = tuple(_tuple(module.kernel_size))
   k = math.prod(window)
   groups = getattr(module, 'feature_group_count', 1)
@@ -367,7 +367,7 @@ def _norm(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Match:
   al., TPAMI 2020), per feature a 2x2 block (1x1 with one parameter). `x̂` comes from the module
   itself, cloned without scale and bias, so a zero scale (zero-initialised residual branches) is
   safe and BatchNorm uses the batch statistics it trains with."""
-  x = _input(args, kwargs)
+  x = call_input(args, kwargs)
   names = tuple(n for n, on in (('scale', module.use_scale),
                                 ('bias', getattr(module, 'use_bias', False))) if on)
   if not names:
@@ -467,10 +467,10 @@ def match(module: nn.Module, method: str, args: tuple, kwargs: dict) -> tuple[Ki
 def save(kind: Kind, spec: Spec, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
   if kind.save is not None:
     return kind.save(spec, module, args, kwargs)
-  return (_input(args, kwargs),)
+  return (call_input(args, kwargs),)
 
 
-def _input(args: tuple, kwargs: dict) -> jax.Array:
+def call_input(args: tuple, kwargs: dict) -> jax.Array:
   if args:
     return args[0]
   for name in ('inputs', 'x', 'query'):

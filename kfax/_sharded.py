@@ -62,7 +62,7 @@ def layout(entries: dict[str, Entry], devices: int, eigen: bool) -> Layout:
       {k: cost(e) + 1.0 for k, e in entries.items()}, devices))
   stats, decomps = [], []
   for keys in owned:
-    stats.append([(k, n, s, not entries[k].diag['ag'.index(n[0])])
+    stats.append([(k, n, s, entries[k].dense(n))
                   for k in keys for n, s in entries[k].stat_shapes().items()])
     decomps.append([(k, n, s, False) for k in keys
                     for n, s in _curvature.decomposition_shapes(entries[k], eigen).items()])

@@ -14,18 +14,13 @@ Curvatures:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from kfax._kinds import Reshape
-
-CURVATURES = ('kronecker', 'unitwise', 'diagonal', 'none')
-
 
 def path_name(path: tuple[Any, ...]) -> str:
   """'a/b/c' for a pytree key path or a Flax module path."""
@@ -68,6 +63,13 @@ class Entry(NamedTuple):
   roles: tuple[tuple[str, tuple[bool, bool]], ...]  # (role, which sides N scales) of its calls
   note: str  # what the summary says besides the rule
 
+  def dense(self, name: str) -> bool:
+    """Whether statistic `name` is a stack of symmetric matrices (packed as upper triangles
+    for communication): Kronecker sides not kept diagonal, and unit-wise blocks."""
+    if name in ('a_factor', 'g_factor'):
+      return not self.diag['ag'.index(name[0])]
+    return name == 'fisher'
+
   def stat_shapes(self) -> dict[str, tuple[int, ...]]:
     """Shapes of the statistics (and EMA factors) of this entry."""
     if self.curvature == 'kronecker':
@@ -108,10 +110,6 @@ class LayerTable:
 
   def of(self, curvature: str) -> dict[str, Entry]:
     return {k: e for k, e in self.entries.items() if e.curvature == curvature}
-
-
-def stat_dims(n: int, diagonal: bool) -> tuple[int, ...]:
-  return (n,) if diagonal else (n, n)
 
 
 def to_matrix(entry: Entry, values: dict[str, jax.Array]) -> jax.Array:
@@ -189,10 +187,3 @@ def subtree_paths(tree: Any) -> list[tuple[str, ...]]:
   walk(tree, ())
   return out
 
-
-def nbytes(shapes: dict[str, tuple[int, ...]], itemsize: int = 4) -> int:
-  return sum(int(np.prod(s)) * itemsize for s in shapes.values())
-
-
-def size(shape: tuple[int, ...]) -> int:
-  return math.prod(shape)

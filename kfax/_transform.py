@@ -119,10 +119,8 @@ def _absorb(config: _Config, state: KfacState, stats: Stats, decay: jax.Array,
   local = {k: s for k, s in stats.items() if layout is None or k not in config.kronecker}
   if config.axis_name is not None and config.mesh is None and local:
     with jax.named_scope('kfax/all_reduce_stats'):
-      symmetric = [_curvature.symmetric(n) and not (n.endswith('_factor') and
-                   config.table.entries[k].diag['ag'.index(n[0])])
-                   for k in local for n in sorted(local[k])]
-      local = _distributed.mean_statistics(local, config.axis_name, config.comm_dtype, symmetric)
+      dense = lambda key, name: config.table.entries[key].dense(name)
+      local = _distributed.mean_statistics(local, config.axis_name, config.comm_dtype, dense)
   finite = {k: _inverse.all_finite(s) for k, s in local.items()}
   if layout is not None:
     mine = {k: stats[k] for k in config.kronecker}
@@ -134,7 +132,7 @@ def _absorb(config: _Config, state: KfacState, stats: Stats, decay: jax.Array,
                                                  config.axis_name))
   factors = dict(state.factors)
   for key, new in local.items():
-    w = jnp.where(finite[key], weights[key], 1.0)
+    w = weights[key]
     factors[key] = {n: jnp.where(finite[key], w * old + (1 - w) * new[n].astype(old.dtype), old)
                     for n, old in state.factors[key].items()}
   any_bad = jnp.zeros((), bool)
