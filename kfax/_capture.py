@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -326,6 +327,20 @@ def _diagonal(table: LayerTable, sampled: Any, examples: jax.Array) -> Stats:
   return out
 
 
+def _check_linen(params: Any) -> None:
+  """Capture sees flax.linen module calls only: an NNX model's layers would all go unseen and
+  every parameter get the fallback, so say so instead."""
+  # flax < 0.12 splits into VariableState leaves; later into Variables (and VariableState is
+  # a deprecated alias, looked up only where it is a real class).
+  variables = tuple(c for c in (nnx.Variable, vars(nnx).get('VariableState')) if c is not None)
+  if any(isinstance(x, variables) for x in
+         jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, variables))):
+    raise TypeError(
+        'kfax.value_grad_and_stats: `params` holds flax.nnx variables, but kfax captures'
+        ' flax.linen modules only: an NNX model\'s layers would go unseen and every parameter'
+        ' get just the diagonal fallback. NNX is not supported yet; use a linen model.')
+
+
 def _check_value(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
   if has_aux:
     if not (isinstance(out, tuple) and len(out) == 2):
@@ -430,6 +445,7 @@ def value_grad_and_stats(
       return _check_value(loss_fn(params, *args, **kwargs), has_aux)
 
   def probe(params: Any, args: tuple, kwargs: dict) -> tuple[LayerTable, _Trace]:
+    _check_linen(params)
     traces: list[_Trace] = []
 
     leaves, treedef = jax.tree.flatten((args, kwargs))

@@ -1271,3 +1271,18 @@ def test_max_factor_dim_keeps_a_larger_side_diagonal():
                       np.diag(np.asarray(stats['']['g_factor'], np.float64)))
   _assert_preconditioned(curvature[None], _linear_block(grads['kernel'], grads['bias']),
                          _linear_block(updates['kernel'], updates['bias']), 1e-2)
+
+
+def test_an_nnx_model_raises_instead_of_falling_back_silently():
+  """Capture sees linen calls only: an NNX model's parameters would all get the fallback."""
+  from flax import nnx
+
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  x, y = jnp.ones((4, 3)), jnp.zeros(4, jnp.int32)
+  loss_fn = lambda p: kfax.softmax_cross_entropy(nnx.merge(graphdef, p)(x), y)
+  grad_fn = kfax.value_grad_and_stats(loss_fn)
+  with pytest.raises(TypeError, match='flax.nnx variables.*NNX is not supported yet'):
+    grad_fn.layers(params)
+  with pytest.raises(TypeError, match='flax.nnx variables'):
+    grad_fn(params, rng=jax.random.key(0))
