@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kfax import _kinds, _table
+from kfax import _kinds, _nnx, _table
 from kfax._table import Entry, LayerTable
 
 FISHER_TYPES = ('empirical', 'mc')
@@ -88,7 +88,7 @@ class _Trace:
     self.active: list[str] = []  # enclosing reparameterising modules (nn.WeightNorm, ...)
 
   def locate(self, module: nn.Module, names: tuple[str, ...]) -> tuple[str, ...] | None:
-    """The path, in the params given to the loss, of the module's own parameters."""
+    """The path, in the params given to the loss, of a linen module's own parameters."""
     own = module.variables.get('params', {})
     for name in names:
       leaf = own.get(name)
@@ -100,34 +100,50 @@ class _Trace:
     return found[0] if len(found) == 1 else None
 
   def intercept(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+    """The linen front-end: `nn.intercept_methods` calls this for every module method call."""
     if _kinds.internal():
       return next_fun(*args, **kwargs)
-    module, method = context.module, context.method_name
+    module = context.module
+
+    def path(found: tuple | None) -> tuple[str, ...] | None:
+      own = tuple(k for k, v in module.variables.get('params', {}).items()
+                  if not isinstance(v, Mapping))
+      spec = None if found is None else found[1]
+      if found is None and not own:
+        return None
+      return self.locate(module, spec.params if isinstance(spec, _kinds.Spec) else own)
+
+    acc = None if self.shape_only else module.variables.get('params', {}).get(ACC)
+    return self.call(module, context.method_name, path, next_fun, args, kwargs, acc)
+
+  def call(self, module: Any, method: str, path: Callable[[Any], tuple[str, ...] | None],
+           next_fun: Callable, args: tuple, kwargs: dict, acc: dict | None) -> Any:
+    """One module method call, from either front-end: recorded (shape-only pass) or tapped.
+    `path(found)` is where the module's parameters are; `acc` its accumulators (real pass)."""
     found = _kinds.match(module, method, args, kwargs)
     if found is not None and self.active:
       found = (found[0], _kinds.Unsupported(
           f'called inside {self.active[-1]} (a reparameterised kernel)'))
     if self.shape_only:
-      self._record(module, found, args, kwargs)
+      self._record(path(found), type(module).__name__, found, args, kwargs)
       return self._call(module, next_fun, args, kwargs)
     y = self._call(module, next_fun, args, kwargs)
     if found is None or not isinstance(found[1], _kinds.Spec):
       return y
     kind, spec = found
-    acc = module.variables.get('params', {}).get(ACC)
     if acc is None or spec.role not in acc:
       return y
     missing = _vma(_kinds.call_input(args, kwargs)) - _vma(acc[spec.role]['calls'])
     if missing:
       raise ValueError(
-          f'kfax: the statistics of {type(module).__name__} {"/".join(map(str, module.path))}'
-          f' would vary over the device axes {sorted(missing, key=str)}, but a Flax transform'
-          ' around it (nn.vmap over parameters) drops that under shard_map(check_vma=True);'
-          ' use check_vma=False for this model.')
+          f'kfax: the statistics of {type(module).__name__} {_name(module)} would vary over'
+          f' the device axes {sorted(missing, key=str)}, but a transform around it (vmap over'
+          ' parameters) drops that under shard_map(check_vma=True); use check_vma=False for'
+          ' this model.')
     saved = _kinds.save(kind, spec, module, args, kwargs)
     return _tap(kind, spec, self.reduce, _diagonal_sides(acc[spec.role]))(y, saved, acc[spec.role])
 
-  def _call(self, module: nn.Module, next_fun: Callable, args: tuple, kwargs: dict) -> Any:
+  def _call(self, module: Any, next_fun: Callable, args: tuple, kwargs: dict) -> Any:
     """Runs the call, remembering reparameterising wrappers (their children's kernels are not
     the stored parameters)."""
     if not isinstance(module, _kinds.REPARAMETERIZING):
@@ -138,21 +154,15 @@ class _Trace:
     finally:
       self.active.pop()
 
-  def _record(self, module: nn.Module, found: tuple | None, args: tuple, kwargs: dict) -> None:
-    own = {k: v for k, v in module.variables.get('params', {}).items()
-           if not isinstance(v, Mapping)}
-    if found is None:
-      if own:  # who owns parameters that no kind captures, for the summary
-        path = self.locate(module, tuple(own))
-        if path is not None:
-          self.records.setdefault('/'.join(path), _Record()).module = type(module).__name__
-      return
-    kind, spec = found
-    path = self.locate(module, spec.params if isinstance(spec, _kinds.Spec) else tuple(own))
+  def _record(self, path: tuple[str, ...] | None, module: str, found: tuple | None,
+              args: tuple, kwargs: dict) -> None:
     if path is None:
       return
     record = self.records.setdefault('/'.join(path), _Record())
-    record.module = type(module).__name__
+    record.module = module
+    if found is None:  # who owns parameters that no kind captures, for the summary
+      return
+    kind, spec = found
     if isinstance(spec, _kinds.Unsupported):
       record.reasons.append(spec.reason)
       return
@@ -171,6 +181,17 @@ class _Trace:
       record.reasons.append('calls at different stack depths')
     record.stack = stack
     record.vma |= _vma(_kinds.call_input(args, kwargs))
+
+
+def _name(module: Any) -> str:
+  path = getattr(module, 'path', None)  # a linen module's path; an nnx layer's is an attribute
+  return '/'.join(map(str, path)) if isinstance(path, tuple) else getattr(module, '_kfax_path', '')
+
+
+def current() -> _Trace | None:
+  """The trace of the loss being run, if any."""
+  stack = getattr(_local, 'stack', [])
+  return stack[-1] if stack else None
 
 
 def _diagonal_sides(acc: dict[str, jax.Array]) -> tuple[bool, bool]:
@@ -327,18 +348,42 @@ def _diagonal(table: LayerTable, sampled: Any, examples: jax.Array) -> Stats:
   return out
 
 
+class _Linen:
+  """The linen front-end: `loss_fn(params, ...)`, accumulators inside the params subtrees."""
+
+  def __init__(self, params: Any):
+    _check_linen(params)
+    self.params, self.state = params, None
+
+  def prepare(self, trace: _Trace) -> None:
+    del trace
+
+  def apply(self, loss_fn: Callable, params: Any, state: None, accs: dict | None, args: tuple,
+            kwargs: dict) -> tuple[Any, None]:
+    del state
+    return loss_fn(params if accs is None else _inject(params, accs), *args, **kwargs), None
+
+  def finish(self, state: None) -> None:
+    del state
+
+
+def _front(x: Any) -> Any:
+  if isinstance(x, nnx.Module):
+    return _nnx.Model(x)
+  return _Linen(x)
+
+
 def _check_linen(params: Any) -> None:
-  """Capture sees flax.linen module calls only: an NNX model's layers would all go unseen and
-  every parameter get the fallback, so say so instead."""
+  """An NNX variables tree without its module: capture cannot see its layers, so say so."""
   # flax < 0.12 splits into VariableState leaves; later into Variables (and VariableState is
   # a deprecated alias, looked up only where it is a real class).
   variables = tuple(c for c in (nnx.Variable, vars(nnx).get('VariableState')) if c is not None)
   if any(isinstance(x, variables) for x in
          jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, variables))):
     raise TypeError(
-        'kfax.value_grad_and_stats: `params` holds flax.nnx variables, but kfax captures'
-        ' flax.linen modules only: an NNX model\'s layers would go unseen and every parameter'
-        ' get just the diagonal fallback. NNX is not supported yet; use a linen model.')
+        'kfax.value_grad_and_stats: the first argument holds flax.nnx variables; for an NNX'
+        ' model pass the nnx.Module itself (loss_fn(model, *args)), not its state, so that'
+        ' kfax can see its layers.')
 
 
 def _check_value(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
@@ -440,36 +485,38 @@ def value_grad_and_stats(
   reduce = sequence == 'reduce'
   takes_rng = _takes_rng(loss_fn)
 
-  def run(params: Any, trace: _Trace, args: tuple, kwargs: dict) -> tuple[jax.Array, Any]:
+  def run(front: Any, params: Any, state: Any, accs: dict | None, trace: _Trace, args: tuple,
+          kwargs: dict) -> tuple[tuple[jax.Array, Any], Any]:
     with _tracing(trace):
-      return _check_value(loss_fn(params, *args, **kwargs), has_aux)
+      out, new_state = front.apply(loss_fn, params, state, accs, args, kwargs)
+      return _check_value(out, has_aux), new_state
 
-  def probe(params: Any, args: tuple, kwargs: dict) -> tuple[LayerTable, _Trace]:
-    _check_linen(params)
+  def probe(front: Any, args: tuple, kwargs: dict) -> tuple[LayerTable, _Trace]:
     traces: list[_Trace] = []
-
     leaves, treedef = jax.tree.flatten((args, kwargs))
     arrays = [i for i, leaf in enumerate(leaves)
               if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype')]
 
-    def shapes_only(p, values):  # arrays (or ShapeDtypeStructs) traced, anything else static
+    def shapes_only(p, state, values):  # arrays (or ShapeDtypeStructs) traced, others static
       full = list(leaves)
       for i, v in zip(arrays, values):
         full[i] = v
       a, k = jax.tree.unflatten(treedef, full)
       traces.append(_Trace(p, True, reduce))
-      return run(p, traces[0], a, k)[0]
+      front.prepare(traces[0])
+      return run(front, p, state, None, traces[0], a, k)[0][0]
 
-    jax.eval_shape(shapes_only, params, [leaves[i] for i in arrays])
+    jax.eval_shape(shapes_only, front.params, front.state, [leaves[i] for i in arrays])
     return build_table(traces[0], sequence, fallback, max_factor_dim), traces[0]
 
-  def layers(params: Any, *args: Any, rng: jax.Array | None = None, **kwargs: Any) -> LayerTable:
-    """The layer table of this loss at these params and arguments (one shape-only trace)."""
+  def layers(x: Any, *args: Any, rng: jax.Array | None = None, **kwargs: Any) -> LayerTable:
+    """The layer table of this loss at these params (or model) and arguments (one shape-only
+    trace)."""
     if takes_rng:
       kwargs['rng'] = jax.random.key(0) if rng is None else rng
-    return probe(params, args, kwargs)[0]
+    return probe(_front(x), args, kwargs)[0]
 
-  def value_grad_stats(params: Any, *args: Any, rng: jax.Array | None = None, **kwargs: Any):
+  def value_grad_stats(x: Any, *args: Any, rng: jax.Array | None = None, **kwargs: Any):
     if fisher == 'mc' and rng is None:
       raise ValueError(
           'kfax.value_grad_and_stats: fisher="mc" samples targets and needs a PRNG key; call'
@@ -477,7 +524,8 @@ def value_grad_and_stats(
     if takes_rng:
       kwargs['rng'] = rng
       rng = None if rng is None else jax.random.fold_in(rng, 0x6B666178)
-    table, shapes = probe(params, args, kwargs)
+    front = _front(x)
+    table, shapes = probe(front, args, kwargs)
     if fisher == 'mc' and not shapes.marks:
       raise ValueError(
           'kfax.value_grad_and_stats: fisher="mc" needs the loss to be built from'
@@ -487,28 +535,26 @@ def value_grad_and_stats(
     # Statistics vary over every device axis the batch or a layer input varies over.
     axes = set().union(*(r.vma for r in shapes.records.values()),
                        *(_vma(leaf) for leaf in jax.tree.leaves((args, kwargs))))
-    accs = _accumulators(table, axes)
     traces: list[_Trace] = []
 
-    def forward(p):
+    def forward(p, accs):
       traces.append(_Trace(p, False, reduce))
-      loss, aux = run(p, traces[-1], args, kwargs)
+      (loss, aux), state = run(front, p, front.state, accs, traces[-1], args, kwargs)
       marks = traces[-1].marks
-      return (loss, [m.output for m in marks]), (aux, _examples(marks, args))
+      return (loss, [m.output for m in marks]), (aux, _examples(marks, args), state)
 
     with jax.named_scope('kfax/forward_backward'):
-      (loss, outputs), pullback, (aux, examples) = jax.vjp(
-          forward, _inject(params, accs), has_aux=True)
+      (loss, outputs), pullback, (aux, examples, state) = jax.vjp(
+          forward, front.params, _accumulators(table, axes), has_aux=True)
       (trace,) = traces
-      grads_aug, = pullback((jnp.ones_like(loss), [jnp.zeros_like(z) for z in outputs]))
-      grads, raw = _table.pop_all(grads_aug, ACC)
+      grads, raw = pullback((jnp.ones_like(loss), [jnp.zeros_like(z) for z in outputs]))
       sampled = grads
       if fisher == 'mc':
         keys = jax.random.split(rng, len(outputs))
         cotangents = [m.sampled_cotangent(k, z) for k, z, m in zip(keys, outputs, trace.marks,
                                                                     strict=True)]
-        sampled_aug, = pullback((jnp.zeros_like(loss), cotangents))
-        sampled, raw = _table.pop_all(sampled_aug, ACC)
+        sampled, raw = pullback((jnp.zeros_like(loss), cotangents))
+    front.finish(state)
     stats = {**_combine(table, raw, examples), **_diagonal(table, sampled, examples)}
     return ((loss, aux) if has_aux else loss), grads, stats
 

@@ -25,12 +25,14 @@ A module called several times adds its `A` (and unit-wise) terms and averages it
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,46 +176,65 @@ def _letters(n: int, skip: str = '') -> str:
   return ''.join(c for c in _LETTERS if c not in skip)[:n]
 
 
-def _dense(module: nn.Dense, method: str, args: tuple, kwargs: dict) -> Match:
-  """`nn.Dense`: every leading axis of the input is a row; kernel `(in, out)`, bias as A's 1."""
-  x = call_input(args, kwargs)
+def _dense_spec(x: jax.Array, features: int, use_bias: bool) -> Match:
+  """`nn.Dense`, `nnx.Linear`: every leading axis of the input is a row; kernel `(in, out)`,
+  bias as A's 1."""
   rows = _letters(x.ndim - 1, 'io')
-  lin = Linear(rows + 'i', 'io', rows + 'o', 'o' if module.use_bias else None)
-  shape = (x.shape[-1], module.features)
-  params = ('kernel', 'bias') if module.use_bias else ('kernel',)
-  shapes = (shape, (module.features,)) if module.use_bias else (shape,)
+  lin = Linear(rows + 'i', 'io', rows + 'o', 'o' if use_bias else None)
+  shape = (x.shape[-1], features)
+  params = ('kernel', 'bias') if use_bias else ('kernel',)
+  shapes = (shape, (features,)) if use_bias else (shape,)
   return _linear_spec(lin, shape, 'apply', params, shapes)
+
+
+def _dense(module: nn.Dense, method: str, args: tuple, kwargs: dict) -> Match:
+  return _dense_spec(call_input(args, kwargs), module.features, module.use_bias)
+
+
+def _nnx_linear(module: nnx.Linear, method: str, args: tuple, kwargs: dict) -> Match:
+  return _dense_spec(call_input(args, kwargs), module.out_features, module.bias is not None)
 
 
 def _tuple(v: Any) -> tuple:
   return tuple(v) if isinstance(v, (tuple, list)) else (v,)
 
 
-def _dense_general(module: nn.DenseGeneral, method: str, args: tuple, kwargs: dict) -> Match:
-  """`nn.DenseGeneral` (and so attention's query, key, value, out): the contracted `axis` form
-  A's side, `features` G's, each index of `batch_dims` is its own Kronecker block, and every
-  other input axis is a row."""
-  x = call_input(args, kwargs)
-  axis = tuple(a % x.ndim for a in _tuple(module.axis))
-  batch_dims = tuple(a % x.ndim for a in _tuple(module.batch_dims))
-  features = tuple(_tuple(module.features))
+def _general_spec(x: jax.Array, axis: Any, batch_dims: Any, features: Any,
+                  use_bias: bool) -> Match:
+  """`nn.DenseGeneral`, `nnx.LinearGeneral` (and so attention's query, key, value, out): the
+  contracted `axis` form A's side, `features` G's, each index of the batch axes is its own
+  Kronecker block, and every other input axis is a row."""
+  axis = tuple(a % x.ndim for a in _tuple(axis))
+  batch_dims = tuple(a % x.ndim for a in _tuple(batch_dims))
+  features = tuple(_tuple(features))
   letters = _letters(x.ndim + len(features))
   xs, fs = letters[:x.ndim], letters[x.ndim:]
   batch = ''.join(xs[d] for d in batch_dims)
   kernel = batch + ''.join(xs[d] for d in axis) + fs
   y = batch + ''.join(xs[d] for d in range(x.ndim) if d not in axis and d not in batch_dims) + fs
-  lin = Linear(xs, kernel, y, batch + fs if module.use_bias else None)
+  lin = Linear(xs, kernel, y, batch + fs if use_bias else None)
   shape = tuple(x.shape[d] for d in batch_dims + axis) + features
-  params = ('kernel', 'bias') if module.use_bias else ('kernel',)
+  params = ('kernel', 'bias') if use_bias else ('kernel',)
   bias = tuple(x.shape[d] for d in batch_dims) + features
-  return _linear_spec(lin, shape, 'apply', params, (shape, bias) if module.use_bias else (shape,))
+  return _linear_spec(lin, shape, 'apply', params, (shape, bias) if use_bias else (shape,))
 
 
-def _einsum(module: nn.Einsum, method: str, args: tuple, kwargs: dict) -> Match:
-  """`nn.Einsum` whose equation reads `input, kernel -> output`: kernel letters contracted with
-  the input form A's side, kernel letters kept in the output G's, letters of all three are
-  blocks, input-and-output letters are rows. Anything else (a summed input axis, `...`) gets the
-  fallback."""
+def _dense_general(module: nn.DenseGeneral, method: str, args: tuple, kwargs: dict) -> Match:
+  return _general_spec(call_input(args, kwargs), module.axis, module.batch_dims,
+                       module.features, module.use_bias)
+
+
+def _nnx_linear_general(module: nnx.LinearGeneral, method: str, args: tuple,
+                        kwargs: dict) -> Match:
+  return _general_spec(call_input(args, kwargs), module.axis, tuple(module.batch_axis),
+                       module.out_features, module.bias is not None)
+
+
+def _einsum(module: nn.Einsum | nnx.Einsum, method: str, args: tuple, kwargs: dict) -> Match:
+  """`nn.Einsum`, `nnx.Einsum` whose equation reads `input, kernel -> output`: kernel letters
+  contracted with the input form A's side, kernel letters kept in the output G's, letters of
+  all three are blocks, input-and-output letters are rows. Anything else (a summed input axis,
+  `...`) gets the fallback."""
   x = call_input(args, kwargs)
   equation = kwargs.get('einsum_str', args[1] if len(args) > 1 else None) or module.einsum_str
   equation = equation.replace(' ', '')
@@ -221,10 +242,13 @@ def _einsum(module: nn.Einsum, method: str, args: tuple, kwargs: dict) -> Match:
     return Unsupported(f'the equation {equation!r} (write it explicitly, without "...")')
   operands, y = equation.split('->')
   xl, kl = operands.split(',')
-  shape = tuple(module.shape)
-  bias = ''.join(c for c in y if c in kl) if module.use_bias else None
+  if isinstance(module, nn.Module):
+    shape, use_bias = tuple(module.shape), module.use_bias
+  else:
+    shape, use_bias = tuple(module.kernel_shape), module.bias is not None
+  bias = ''.join(c for c in y if c in kl) if use_bias else None
   lin = Linear(xl, kl, y, bias)
-  params = ('kernel', 'bias') if module.use_bias else ('kernel',)
+  params = ('kernel', 'bias') if use_bias else ('kernel',)
   shapes = (shape, tuple(shape[kl.index(c)] for c in bias)) if bias is not None else (shape,)
   if len(xl) != x.ndim:
     return Unsupported(f'the equation {equation!r} for an input of rank {x.ndim}')
@@ -289,18 +313,32 @@ def _embed_stats(spec: Spec, saved: Any, dy: jax.Array, reduce: bool,
 
 
 class ConvConfig(NamedTuple):
-  patcher: nn.Module  # unbound clone: 1 input channel, one output per kernel entry
+  patch: Callable[[jax.Array, jax.Array], jax.Array]  # (one-hot kernel, 1-channel input) -> y
   window: tuple[int, ...]
   groups: int
   in_features: int
   use_bias: bool
 
 
-def _conv(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Match:
-  """`nn.Conv` (1-3 spatial dims, any padding including CIRCULAR, REFLECT and CAUSAL, strides,
-  dilations) and `nn.ConvTranspose`: rows are output positions, A's side a patch in the
-  kernel's `(window..., in)` order. `feature_group_count > 1` (grouped, depthwise) gives one
-  Kronecker block per group. A kernel `mask` or `transpose_kernel=True` get the fallback."""
+def _linen_patch(patcher: nn.Module, kernel: jax.Array, x: jax.Array) -> jax.Array:
+  return patcher.apply({'params': {'kernel': kernel}}, x)
+
+
+def _nnx_patch(cls: type, fields: tuple, kernel: jax.Array, x: jax.Array) -> jax.Array:
+  """The conv of `cls` (nnx.Conv or ConvTranspose), built with the layer's own padding, strides
+  and dilations, one input channel, and `kernel`."""
+  conv = cls(1, kernel.shape[-1], use_bias=False, kernel_init=nnx.initializers.zeros,
+             rngs=nnx.Rngs(0), **dict(fields))
+  conv.kernel = nnx.Param(kernel)
+  return conv(x)
+
+
+def _conv(module: nn.Module | nnx.Module, method: str, args: tuple, kwargs: dict) -> Match:
+  """`nn.Conv`, `nnx.Conv` (1-3 spatial dims, any padding including CIRCULAR, REFLECT and
+  CAUSAL, strides, dilations) and `ConvTranspose`: rows are output positions, A's side a patch
+  in the kernel's `(window..., in)` order. `feature_group_count > 1` (grouped, depthwise) gives
+  one Kronecker block per group. A kernel `mask` or `transpose_kernel=True` get the fallback.
+  Patches come from the layer's own conv code, with one input channel and a one-hot kernel."""
   x = call_input(args, kwargs)
   window = tuple(_tuple(module.kernel_size))
   k = math.prod(window)
@@ -309,30 +347,38 @@ def _conv(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Match:
     return Unsupported('transpose_kernel=True')
   if module.mask is not None:
     return Unsupported('a kernel `mask`')
-  c, o = x.shape[-1], module.features
+  linen = isinstance(module, nn.Module)
+  c, o = x.shape[-1], module.features if linen else module.out_features
+  use_bias = module.use_bias if linen else module.bias is not None
   cg, og = c // groups, o // groups
-  patcher = module.clone(parent=None, name=None, features=k, use_bias=False, mask=None,
-                         kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
-                         **({'feature_group_count': 1} if groups != 1 else {}))
+  if linen:
+    patch = functools.partial(_linen_patch, module.clone(
+        parent=None, name=None, features=k, use_bias=False, mask=None,
+        kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+        **({'feature_group_count': 1} if groups != 1 else {})))
+  else:
+    names = ('kernel_size', 'strides', 'padding', 'input_dilation', 'kernel_dilation')
+    cls = next(c for c in type(module).__mro__ if c in KINDS)
+    patch = functools.partial(_nnx_patch, cls, tuple(
+        (n, getattr(module, n)) for n in names if hasattr(module, n)))
   shape = window + (cg, o)
   layout = [Reshape(window + (cg, groups, og), (len(window) + 1, *range(len(window)),
                                                  len(window), len(window) + 2),
                     (groups, k * cg, og))]
   params, shapes = ('kernel',), (shape,)
-  if module.use_bias:
+  if use_bias:
     layout.append(Reshape((groups, og), (0, 1), (groups, 1, og)))
     params, shapes = ('kernel', 'bias'), (shape, (o,))
   return Spec(kind='conv', role='apply', params=params, shapes=shapes, curvature='kronecker',
-              blocks=groups, dims=(k * cg + module.use_bias, og), layout=tuple(layout),
-              n_scaled=(False, True),
-              config=ConvConfig(patcher, window, groups, c, module.use_bias))
+              blocks=groups, dims=(k * cg + use_bias, og), layout=tuple(layout),
+              n_scaled=(False, True), config=ConvConfig(patch, window, groups, c, use_bias))
 
 
 def conv_patches(config: ConvConfig, x: jax.Array) -> jax.Array:
   """`(E, T, K * C)` input patches of a conv call in kernel `(window..., C)` order."""
   k = math.prod(config.window)
   onehot = jnp.eye(k, dtype=x.dtype).reshape(config.window + (1, k))
-  per_channel = lambda xc: config.patcher.apply({'params': {'kernel': onehot}}, xc[..., None])
+  per_channel = lambda xc: config.patch(onehot, xc[..., None])
   with _internal():
     patches = jax.vmap(per_channel, in_axes=-1, out_axes=-1)(x)  # (..., *out, K, C)
   batch = x.ndim - len(config.window) - 1
@@ -357,12 +403,12 @@ def _conv_stats(spec: Spec, saved: Any, dy: jax.Array, reduce: bool,
 
 
 class NormConfig(NamedTuple):
-  normalizer: nn.Module  # unbound clone without scale and bias: computes x̂
+  normalizer: nn.Module | None  # linen: unbound clone without scale and bias, computes x̂
   feature_axes: tuple[int, ...]
   names: tuple[str, ...]
 
 
-def _norm(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Match:
+def _norm(module: nn.Module | nnx.Module, method: str, args: tuple, kwargs: dict) -> Match:
   """Norms with a per-feature `scale` and/or `bias`: the unit-wise Fisher of SP-NGD (Osawa et
   al., TPAMI 2020), per feature a 2x2 block (1x1 with one parameter). `x̂` comes from the module
   itself, cloned without scale and bias, so a zero scale (zero-initialised residual branches) is
@@ -374,15 +420,18 @@ def _norm(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Match:
     return None
   if isinstance(module, nn.GroupNorm):
     axes = (x.ndim - 1,)
-  else:
-    axes = tuple(a % x.ndim for a in _tuple(getattr(module, 'feature_axes', None)
-                                              if hasattr(module, 'feature_axes') else module.axis))
+  else:  # linen and nnx name the feature axes differently per norm
+    axes = next(getattr(module, n) for n in ('feature_axes', 'feature_axis', 'axis')
+                if hasattr(module, n))
+    axes = tuple(a % x.ndim for a in _tuple(axes))
   shape = tuple(x.shape[a] for a in axes)
   c = math.prod(shape)
-  off = {'use_scale': False}
-  if hasattr(module, 'use_bias'):
-    off['use_bias'] = False
-  normalizer = module.clone(parent=None, name=None, **off)
+  normalizer = None
+  if isinstance(module, nn.Module):
+    off = {'use_scale': False}
+    if hasattr(module, 'use_bias'):
+      off['use_bias'] = False
+    normalizer = module.clone(parent=None, name=None, **off)
   return Spec(kind='norm', role='apply', params=names, shapes=(shape,) * len(names),
               curvature='unitwise', blocks=1, dims=(c, len(names)),
               layout=tuple(Reshape(shape, tuple(range(len(shape))), (c,)) for _ in names),
@@ -393,6 +442,19 @@ def _norm_save(spec: Spec, module: nn.Module, args: tuple, kwargs: dict) -> tupl
   variables = {k: v for k, v in module.variables.items() if k != 'params'}
   with _internal():
     x_hat, _ = spec.config.normalizer.apply(variables, *args, mutable=True, **kwargs)
+  return (jax.lax.stop_gradient(x_hat),)
+
+
+def _nnx_norm_save(spec: Spec, module: nnx.Module, args: tuple, kwargs: dict) -> tuple:
+  """x̂ from a clone of the nnx norm without scale and bias (its state updates are dropped)."""
+  with _internal():
+    normalizer = nnx.clone(module)
+    for name in ('scale', 'bias'):
+      if hasattr(normalizer, name):
+        setattr(normalizer, name, None)
+      if hasattr(normalizer, f'use_{name}'):
+        setattr(normalizer, f'use_{name}', False)
+    x_hat = normalizer(*args, **kwargs)
   return (jax.lax.stop_gradient(x_hat),)
 
 
@@ -423,6 +485,7 @@ class Kind(NamedTuple):
 
 
 KINDS: dict[type, Kind] = {
+    # flax.linen
     nn.Dense: Kind(_dense, _linear_stats),
     nn.DenseGeneral: Kind(_dense_general, _linear_stats),
     nn.Einsum: Kind(_einsum, _linear_stats),
@@ -434,11 +497,23 @@ KINDS: dict[type, Kind] = {
     nn.GroupNorm: Kind(_norm, _norm_stats, save=_norm_save),
     nn.RMSNorm: Kind(_norm, _norm_stats, save=_norm_save),
     nn.InstanceNorm: Kind(_norm, _norm_stats, save=_norm_save),
+    # flax.nnx: the same kinds and statistics (nnx.MultiHeadAttention is LinearGenerals)
+    nnx.Linear: Kind(_nnx_linear, _linear_stats),
+    nnx.LinearGeneral: Kind(_nnx_linear_general, _linear_stats),
+    nnx.Einsum: Kind(_einsum, _linear_stats),
+    nnx.Embed: Kind(_embed, _embed_stats, methods=('__call__', 'attend')),
+    nnx.Conv: Kind(_conv, _conv_stats),
+    nnx.ConvTranspose: Kind(_conv, _conv_stats),
+    nnx.BatchNorm: Kind(_norm, _norm_stats, save=_nnx_norm_save),
+    nnx.LayerNorm: Kind(_norm, _norm_stats, save=_nnx_norm_save),
+    nnx.GroupNorm: Kind(_norm, _norm_stats, save=_nnx_norm_save),
+    nnx.RMSNorm: Kind(_norm, _norm_stats, save=_nnx_norm_save),
+    nnx.InstanceNorm: Kind(_norm, _norm_stats, save=_nnx_norm_save),
 }
 
 # Modules whose parameters are used through a transformation of their own (the kernel a child
 # layer sees is not the parameter stored): their layers get the fallback.
-REPARAMETERIZING = (nn.WeightNorm, nn.SpectralNorm)
+REPARAMETERIZING = (nn.WeightNorm, nn.SpectralNorm, nnx.WeightNorm, nnx.SpectralNorm)
 
 
 def kind_of(module: nn.Module) -> tuple[type, Kind] | None:
@@ -457,8 +532,8 @@ def match(module: nn.Module, method: str, args: tuple, kwargs: dict) -> tuple[Ki
   if found is None or method not in found[1].methods:
     return None
   cls, kind = found
-  if 'param' in vars(type(module)) or any(
-      'param' in vars(c) for c in type(module).__mro__[:type(module).__mro__.index(cls)]):
+  mro = type(module).__mro__
+  if isinstance(module, nn.Module) and any('param' in vars(c) for c in mro[:mro.index(cls)]):
     return kind, Unsupported(f'{type(module).__name__} overrides `param` (a reparameterised'
                              ' kernel)')
   return kind, kind.match(module, method, args, kwargs)

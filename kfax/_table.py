@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+from flax import nnx
 import jax
 
 from kfax._kinds import Reshape
@@ -35,12 +36,12 @@ def path_name(path: tuple[Any, ...]) -> str:
 
 
 def _is_box(x: Any) -> bool:
-  return isinstance(x, nn.meta.AxisMetadata)
+  return isinstance(x, (nn.meta.AxisMetadata, nnx.Variable))
 
 
 def named_leaves(tree: Any) -> list[tuple[str, Any]]:
   """`(path, leaf)` of every array of a params tree, in `jax.tree.leaves` order; a boxed
-  parameter (`nn.Partitioned`, ...) is named by its place, without the box."""
+  parameter (`nn.Partitioned`, an `nnx.Variable`) is named by its place, without the box."""
   out = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)[0]:
     for _, value in jax.tree_util.tree_flatten_with_path(leaf)[0]:

@@ -1,0 +1,110 @@
+"""The Flax NNX front-end of capture: the same layer kinds, table and statistics as for linen.
+
+NNX has no method interceptor, so capture works on a private copy of the model (`nnx.split` /
+`nnx.merge`); the user's model is never changed except by the state updates its own loss makes.
+In the copy, each layer of a kind in `_kinds.KINDS` gets a subclass of its own class whose
+methods report to the running trace, and a static attribute naming its path in the model's
+`nnx.Param` state. In the real pass each captured layer also holds its zero accumulators as an
+`Accumulator` (an `nnx.Param`), so `nnx.scan`, `nnx.vmap` and `nnx.remat` carry and slice them
+with the layer's parameters, and their cotangents are the statistics, exactly as in linen.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+from flax import nnx
+
+from kfax import _capture, _kinds
+
+MIN_FLAX = (0, 12, 6)
+PATH = '_kfax_path'  # a tapped layer's key in the layer table (static: survives split/merge)
+ACC = '_kfax_accumulator'
+
+
+class Accumulator(nnx.Param):
+  """A captured layer's zero statistics accumulator, `{role: {statistic: array}}`. A `Param`,
+  so that transforms filtering on `nnx.Param` (`nnx.StateAxes`) slice it with the layer."""
+
+
+def _version(v: str) -> tuple[int, ...]:
+  return tuple(int(''.join(c for c in part if c.isdigit()) or 0) for part in v.split('.')[:3])
+
+
+def _check_version() -> None:
+  if _version(flax.__version__) < MIN_FLAX:
+    raise ImportError(
+        f'kfax: NNX models need flax >= {".".join(map(str, MIN_FLAX))}, found'
+        f' {flax.__version__}; upgrade flax, or use a linen model.')
+
+
+@functools.cache
+def _tapped(cls: type, methods: tuple[str, ...]) -> type:
+  """`cls` with `methods` reporting to the running trace (one subclass per class, cached)."""
+  namespace = {name: _tapped_method(name, getattr(cls, name)) for name in methods}
+  return type(cls.__name__, (cls,), {**namespace, '__module__': cls.__module__,
+                                     '__qualname__': cls.__qualname__})
+
+
+def _tapped_method(name: str, method: Callable) -> Callable:
+  @functools.wraps(method)
+  def tapped(self, *args, **kwargs):
+    trace = _capture.current()
+    if trace is None or _kinds.internal():
+      return method(self, *args, **kwargs)
+    key = getattr(self, PATH)
+    acc = getattr(self, ACC, None)
+    return trace.call(self, name, lambda found: tuple(key.split('/')) if key else (),
+                      lambda *a, **k: method(self, *a, **k), args, kwargs,
+                      None if acc is None else acc.get_value())
+  return tapped
+
+
+def _key(path: tuple) -> str:
+  return '/'.join(map(str, path))
+
+
+class Model:
+  """An nnx model split for capture: `params` (its `nnx.Param` state, differentiated), `state`
+  (everything else: batch statistics, RNG counts) and the graph of a tapped copy."""
+
+  def __init__(self, model: nnx.Module):
+    _check_version()
+    self.model = model
+    graphdef, self.params, self.state = nnx.split(model, nnx.Param, ...)
+    copy = nnx.merge(graphdef, self.params, self.state)
+    self.owners: dict[str, str] = {}  # modules with parameters of their own, for the notes
+    for path, module in nnx.iter_modules(copy):
+      if any(isinstance(v, nnx.Param) for v in vars(module).values()):
+        self.owners[_key(path)] = type(module).__name__
+      found = _kinds.kind_of(module)
+      methods = found[1].methods if found else ('__call__',)
+      if found or isinstance(module, _kinds.REPARAMETERIZING):
+        object.__setattr__(module, '__class__', _tapped(type(module), methods))
+        setattr(module, PATH, _key(path))
+    self.graphdef = nnx.split(copy, nnx.Param, ...)[0]
+
+  def prepare(self, trace: Any) -> None:
+    """Names every module that owns parameters, so the table can say why one falls back."""
+    for key, name in self.owners.items():
+      trace.records.setdefault(key, _capture._Record()).module = name
+
+  def apply(self, loss_fn: Callable, params: nnx.State, state: nnx.State, accs: dict | None,
+            args: tuple, kwargs: dict) -> tuple[Any, nnx.State]:
+    """`loss_fn` on a tapped copy holding `params` and `state` (and `accs`, the real pass);
+    returns its output and the copy's new non-parameter state."""
+    model = nnx.merge(self.graphdef, params, state, copy=True)  # Variables of this trace
+    if accs:
+      for _, module in nnx.iter_modules(model):
+        key = getattr(module, PATH, None)
+        if key in accs:
+          setattr(module, ACC, Accumulator(accs[key]))
+    out = loss_fn(model, *args, **kwargs)
+    return out, nnx.split(model, nnx.Param, ...)[2]
+
+  def finish(self, state: nnx.State) -> None:
+    """The loss's state updates (BatchNorm statistics, RNG counts) onto the user's model."""
+    nnx.update(self.model, state)
