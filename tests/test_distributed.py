@@ -4,6 +4,7 @@ the statistics all-reduce is one packed collective; refreshes are split across d
 import functools
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -361,3 +362,133 @@ def test_distributed_configuration_errors():
     kfax.kfac(table, axis_name='data', mesh=mesh, gather='gradients')
   with pytest.raises(ValueError, match=r"the axis 'data' is not bound.*inside jax.pmap"):
     kfax.kfac(table, axis_name='data', gather='gradients').init(params)
+
+
+# ---------------------------------------------------------------------------------------------
+# NNX: the twin of `Net`, named so that its `nnx.Param` state has the linen params' paths. With
+# the linen weights copied in, it must reach the 1-device linen reference on 8 devices.
+
+
+class NnxNet(nnx.Module):
+  def __init__(self, rngs, partitioned=False):
+    self.Conv_0 = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+    self.Conv_1 = nnx.Conv(4, 6, (3, 3), strides=2, use_bias=False, rngs=rngs)
+    init = lambda *names: nnx.with_partitioning(nnx.initializers.lecun_normal(), names)
+    # linen's `nn.Dense(5)(nn.Dense(16)(x))` builds (and names) the outer layer first
+    self.Dense_0 = nnx.Linear(16, 5, rngs=rngs,
+                              **({'kernel_init': init('data', None)} if partitioned else {}))
+    self.Dense_1 = nnx.Linear(54, 16, rngs=rngs,
+                              **({'kernel_init': init(None, 'data')} if partitioned else {}))
+
+  def __call__(self, x):
+    x = nnx.relu(self.Conv_0(x))
+    x = nnx.relu(self.Conv_1(x))
+    return self.Dense_0(nnx.relu(self.Dense_1(x.reshape(x.shape[0], -1))))
+
+
+def nnx_loss_fn(model, x, y):
+  return kfax.softmax_cross_entropy(model(x), y)
+
+
+NNX_GRAD_FN = kfax.value_grad_and_stats(nnx_loss_fn, fisher='empirical')
+
+
+def _nnx_model(params, **kwargs):
+  """An `NnxNet` holding the linen `params`."""
+  model = NnxNet(nnx.Rngs(0), **kwargs)
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+  return model
+
+
+def _nnx_local(graphdef):
+  """`_local` for the NNX twin: params as the same pure dict the linen model has."""
+
+  def local(params, x, y, with_stats):
+    model = nnx.merge(graphdef, params)
+    if with_stats:
+      _, grads, stats = NNX_GRAD_FN(model, x, y)
+    else:
+      grads, stats = nnx.grad(nnx_loss_fn)(model, x, y), None
+    return nnx.to_pure_dict(grads), stats
+
+  return local
+
+
+def test_nnx_table_is_the_linen_table():
+  params, xs, ys = _data()
+  assert NNX_GRAD_FN.layers(_nnx_model(params), xs[0], ys[0]) == _table()
+
+
+def test_nnx_pmap_matches_one_device():
+  params, xs, ys = _data()
+  graphdef = nnx.graphdef(_nnx_model(params))
+  local = _nnx_local(graphdef)
+  tx = _tx('batch')
+
+  def grad_and_stats(params, x, y, with_stats):
+    grads, stats = local(params, x, y, with_stats)
+    return jax.lax.pmean(grads, 'batch'), stats
+
+  step = jax.pmap(functools.partial(_step, tx, grad_and_stats), axis_name='batch',
+                  static_broadcasted_argnums=4)
+  shard = lambda v: v.reshape(v.shape[0], DEVICES, -1, *v.shape[2:])
+  state = jax.pmap(tx.init, axis_name='batch')(_replicate(params))
+  out = _train(step, _replicate(params), shard(xs), shard(ys), state)
+  _assert_same(jax.tree.map(lambda v: v[0], out))
+
+
+def test_nnx_shard_map_matches_one_device():
+  """With check_vma: each layer's accumulators vary over the devices like its input."""
+  mesh = jax.make_mesh((DEVICES,), ('data',), axis_types=(AxisType.Explicit,))
+  params = _data()[0]
+  local = _nnx_local(nnx.graphdef(_nnx_model(params)))
+  tx = _tx('data')
+  shapes = jax.eval_shape(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=P(),
+                                        check_vma=False), params)
+  specs = kfax.partition_specs(shapes, 'data')
+  state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs))(params)
+
+  def grad_and_stats(params, x, y, with_stats):
+    grads, stats = local(params, x, y, with_stats)
+    return jax.tree.map(lambda g: g / jax.lax.psum(1, 'data'), grads), stats
+
+  def step(params, state, x, y, with_stats):
+    body = lambda p, s, x, y: _step(tx, grad_and_stats, p, s, x, y, with_stats)
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), specs, P('data'), P('data')),
+                         out_specs=(P(), specs), check_vma=True)(params, state, x, y)
+
+  _assert_same(_train_sharded(jax.jit(step, static_argnums=4), mesh, tx, state))
+
+
+def test_nnx_partitioned_model_under_nnx_optimizer_matches_one_device():
+  """Kernels annotated with `nnx.with_partitioning` and sharded over the devices, trained by
+  `nnx.Optimizer` under `nnx.jit` on a batch-sharded input: the 1-device linen updates."""
+  mesh = jax.make_mesh((DEVICES,), ('data',), axis_types=(AxisType.Auto,))
+  params, xs, ys = _data()
+  with jax.set_mesh(mesh):
+    model = _nnx_model(params, partitioned=True)
+    state = nnx.state(model, nnx.Param)  # the linen weights, placed as annotated
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    nnx.replace_by_pure_dict(state, jax.tree.map(
+        lambda v, s: jax.device_put(v, NamedSharding(mesh, s)), nnx.to_pure_dict(state), specs))
+    nnx.update(model, state)
+  kernel = model.Dense_1.kernel
+  assert nnx.get_partition_spec(nnx.state(model.Dense_1))['kernel'] == P(None, 'data')
+  assert kernel[...].sharding.spec == P(None, 'data')
+  @nnx.jit(static_argnums=3)
+  def step(model, optimizer, batch, with_stats):
+    x, y = batch
+    if with_stats:
+      _, grads, stats = NNX_GRAD_FN(model, x, y)
+    else:
+      grads, stats = nnx.grad(nnx_loss_fn)(model, x, y), None
+    optimizer.update(model, grads, stats=stats)
+
+  with jax.set_mesh(mesh):  # the optimizer's state is created as annotated, too
+    optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
+    batch = NamedSharding(mesh, P('data'))
+    for i in range(xs.shape[0]):
+      step(model, optimizer, jax.device_put((xs[i], ys[i]), batch), i % 2 == 0)
+  _assert_same(nnx.to_pure_dict(nnx.state(model, nnx.Param)))

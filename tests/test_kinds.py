@@ -1273,8 +1273,9 @@ def test_max_factor_dim_keeps_a_larger_side_diagonal():
                          _linear_block(updates['kernel'], updates['bias']), 1e-2)
 
 
-def test_an_nnx_model_raises_instead_of_falling_back_silently():
-  """Capture sees linen calls only: an NNX model's parameters would all get the fallback."""
+def test_an_nnx_state_without_its_module_raises_instead_of_falling_back_silently():
+  """Capture needs an NNX model's module to see its layers: its state alone would give every
+  parameter the fallback."""
   from flax import nnx
 
   model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
@@ -1282,7 +1283,7 @@ def test_an_nnx_model_raises_instead_of_falling_back_silently():
   x, y = jnp.ones((4, 3)), jnp.zeros(4, jnp.int32)
   loss_fn = lambda p: kfax.softmax_cross_entropy(nnx.merge(graphdef, p)(x), y)
   grad_fn = kfax.value_grad_and_stats(loss_fn)
-  with pytest.raises(TypeError, match='flax.nnx variables.*NNX is not supported yet'):
+  with pytest.raises(TypeError, match='flax.nnx variables.*pass the nnx.Module itself'):
     grad_fn.layers(params)
   with pytest.raises(TypeError, match='flax.nnx variables'):
     grad_fn(params, rng=jax.random.key(0))
