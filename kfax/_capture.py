@@ -1,6 +1,7 @@
 """Capture: the loss, its gradients and every layer's K-FAC statistics from one forward pass.
 
-`flax.linen.intercept_methods` sees every module call inside the loss. A first, shape-only trace
+`flax.linen.intercept_methods` sees every module call inside a linen loss (`_nnx.py` gives an
+NNX model's layers the same hook, `_Trace.call`). A first, shape-only trace
 (`jax.eval_shape`) finds the calls of the kinds in `_kinds.KINDS` and builds the layer table.
 The real pass then adds to each captured layer's params subtree a zero *accumulator* and routes
 each call's output through a `custom_vjp` identity whose backward pass computes the call's
@@ -435,14 +436,20 @@ def value_grad_and_stats(
 ) -> Callable[..., tuple[Any, Any, Stats]]:
   """Wraps a Flax loss to return the loss, its gradients and this batch's K-FAC statistics.
 
-  `loss_fn(params, *args, **kwargs)` returns a mean over examples (or `(loss, aux)` with
+  Linen: `loss_fn(params, *args, **kwargs)` returns a mean over examples (or `(loss, aux)` with
   `has_aux=True`) and may apply any Flax linen model, with mutable collections and lifted
-  transforms (`nn.remat`, `nn.scan`, `nn.vmap`, `nn.jit`, `nn.RNN`), anywhere inside. Every call
-  of a layer kind in `kfax._kinds.KINDS` (Dense, DenseGeneral and attention, Einsum, Embed and
-  `Embed.attend`, Conv including grouped and depthwise, ConvTranspose, BatchNorm, LayerNorm,
-  GroupNorm, RMSNorm, InstanceNorm) is captured by its parameters' path in `params`; every other
-  parameter gets the `fallback`. `f.layers(params, *args, **kwargs)` returns the layer table
-  (one shape-only trace) that `kfax.kfac` and `kfax.summary` take.
+  transforms (`nn.remat`, `nn.scan`, `nn.vmap`, `nn.jit`, `nn.RNN`), anywhere inside.
+  NNX: `loss_fn(model, *args, **kwargs)` with `model` an `nnx.Module`, as for
+  `nnx.value_and_grad`; gradients are taken with respect to its `nnx.Param`s (an `nnx.State`),
+  the loss's updates of its other state (BatchNorm statistics, `nnx.Rngs` counts) are applied to
+  `model` as they would be without kfax, and `nnx.scan`, `nnx.vmap` and `nnx.remat` inside work.
+
+  Every call of a layer kind in `kfax._kinds.KINDS` (linen Dense, DenseGeneral and attention,
+  Einsum, Embed and `Embed.attend`, Conv including grouped and depthwise, ConvTranspose,
+  BatchNorm, LayerNorm, GroupNorm, RMSNorm, InstanceNorm, and their nnx counterparts: Linear,
+  LinearGeneral and MultiHeadAttention, ...) is captured by its parameters' path; every other
+  parameter gets the `fallback`. `f.layers(params_or_model, *args, **kwargs)` returns the layer
+  table (one shape-only trace) that `kfax.kfac` and `kfax.summary` take.
 
   Args:
     loss_fn: the loss, differentiated with respect to its first argument.
@@ -463,11 +470,11 @@ def value_grad_and_stats(
       dense (at most 256 MiB a factor), and a vocabulary-sized side diagonal.
 
   Returns:
-    `f(params, *args, rng=None, **kwargs) -> (loss or (loss, aux), grads, stats)`. `stats` maps
-    each table entry with curvature to its float32 statistics (see `kfax.LayerTable`); pass
-    them to `kfax.kfac`'s update as `stats=`. `rng` is the MC key; a `loss_fn` that takes an
-    `rng` argument itself (dropout) receives it too, and the MC sampling uses a key folded from
-    it. N, the number of examples, comes from the kfax loss (the positions `where` is true), or
+    `f(params_or_model, *args, rng=None, **kwargs) -> (loss or (loss, aux), grads, stats)`.
+    `stats` maps each table entry with curvature to its float32 statistics (see
+    `kfax.LayerTable`); pass them to `kfax.kfac`'s update as `stats=` (with `nnx.Optimizer`:
+    `optimizer.update(model, grads, stats=stats)`). `rng` is the MC key; a `loss_fn` that takes
+    an `rng` argument itself receives it too, and the MC sampling uses a key folded from it. N, the number of examples, comes from the kfax loss (the positions `where` is true), or
     else is the leading axis of the first array among `args`.
   """
   if fisher not in FISHER_TYPES:

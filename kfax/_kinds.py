@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax
 import flax.linen as nn
 from flax import nnx
 import jax
@@ -38,6 +39,18 @@ import jax.numpy as jnp
 import numpy as np
 
 _LETTERS = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'
+
+# The oldest flax kfax is tested with (and the first whose nnx has everything the table names).
+MIN_FLAX = (0, 12, 6)
+
+
+def _version(v: str) -> tuple[int, ...]:
+  return tuple(int(''.join(c for c in part if c.isdigit()) or 0) for part in v.split('.')[:3])
+
+
+if _version(flax.__version__) < MIN_FLAX:
+  raise ImportError(f'kfax needs flax >= {".".join(map(str, MIN_FLAX))}, found'
+                    f' {flax.__version__}: pip install -U "flax>=0.12.6".')
 
 
 class Reshape(NamedTuple):

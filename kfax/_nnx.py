@@ -15,12 +15,10 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import flax
 from flax import nnx
 
 from kfax import _capture, _kinds
 
-MIN_FLAX = (0, 12, 6)
 PATH = '_kfax_path'  # a tapped layer's key in the layer table (static: survives split/merge)
 ACC = '_kfax_accumulator'
 
@@ -28,17 +26,6 @@ ACC = '_kfax_accumulator'
 class Accumulator(nnx.Param):
   """A captured layer's zero statistics accumulator, `{role: {statistic: array}}`. A `Param`,
   so that transforms filtering on `nnx.Param` (`nnx.StateAxes`) slice it with the layer."""
-
-
-def _version(v: str) -> tuple[int, ...]:
-  return tuple(int(''.join(c for c in part if c.isdigit()) or 0) for part in v.split('.')[:3])
-
-
-def _check_version() -> None:
-  if _version(flax.__version__) < MIN_FLAX:
-    raise ImportError(
-        f'kfax: NNX models need flax >= {".".join(map(str, MIN_FLAX))}, found'
-        f' {flax.__version__}; upgrade flax, or use a linen model.')
 
 
 @functools.cache
@@ -72,7 +59,6 @@ class Model:
   (everything else: batch statistics, RNG counts) and the graph of a tapped copy."""
 
   def __init__(self, model: nnx.Module):
-    _check_version()
     self.model = model
     graphdef, self.params, self.state = nnx.split(model, nnx.Param, ...)
     copy = nnx.merge(graphdef, self.params, self.state)
