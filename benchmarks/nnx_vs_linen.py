@@ -15,16 +15,18 @@ Reported: test accuracy at `--at` steps and after `--steps`, and the steps to th
 (first evaluation, every 10 steps, at or above it), medians over seeds.
 
 Step time. The example's jitted steps (`digits.init`: linen's `jax.jit` over params, NNX's
-`jax.jit` over `nnx.split((model, optimizer))` state) are compiled and warmed up, then timed in
-interleaved rounds: each round runs, for every series in a rotating order, one block of
-lcm(stats_every, inverse_every) = 10 steps with `jax.block_until_ready` after each step (giving
-the stats step with a refresh (step 0), the stats step (step 5) and the plain steps), then one
-more block dispatched back to back and blocked once at the end: the amortized step, block time
-/ 10, as the training loop runs it. Medians over `--rounds` rounds; compilation excluded. Two
-more series, the NNX steps under `nnx.jit` (model and optimizer as arguments) and under
-`nnx.cached_partial`, show what the example's split-state `jax.jit` saves. Every series feeds
-one fixed batch (numpy, as `digits.train` does) and one fixed MC key. Also reported: XLA's
-FLOP count of each compiled step and the arguments' pytree leaves and flatten time (dispatch).
+`jax.jit` over the pure dict of `nnx.split((model, optimizer))`'s state) are compiled and
+warmed up, then timed in interleaved rounds: each round runs, for every series in a rotating
+order, one block of lcm(stats_every, inverse_every) = 10 steps with `jax.block_until_ready`
+after each step (giving the stats step with a refresh (step 0), the stats step (step 5) and the
+plain steps), then one more block dispatched back to back and blocked once at the end: the
+amortized step, block time / 10, as the training loop runs it. Medians over `--rounds` rounds;
+compilation excluded. Three more series show what the example's way saves: the same NNX steps
+under `jax.jit` over the `nnx.State` itself (`nnx, nnx.State`), under `nnx.jit` of (model,
+optimizer) (`nnx, nnx.jit`) and through `nnx.cached_partial` (`nnx, nnx.cached_partial`). Every
+series feeds one fixed batch (numpy, as `digits.train` does) and one fixed MC key. Also
+reported: XLA's FLOP count of each compiled step, and the number of pytree leaves of the
+example steps' arguments and the time to flatten them (part of every call's dispatch).
 
 Run (about 3 minutes on 2 busy CPU cores):
 
@@ -42,6 +44,7 @@ os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')  # before numpy or jax load O
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import math
 import statistics
@@ -147,28 +150,45 @@ def example_series(model: Any, tx: Any, x: np.ndarray, y: np.ndarray,
                 'plain_gflop': flops(plain_step, x, y) / 1e9}
 
 
-def nnx_jit_series(cls: Any, tx: Any, x: np.ndarray, y: np.ndarray, key: jax.Array,
-                   cached: bool) -> Callable[[bool], Any]:
-  """The same NNX steps as `digits.make_nnx_steps`, but under `nnx.jit` of (model, optimizer),
-  called directly or through `nnx.cached_partial`: the usual NNX way, not the example's."""
+def alternative_series(cls: Any, tx: Any, x: np.ndarray, y: np.ndarray, key: jax.Array,
+                       how: str) -> Callable[[bool], Any]:
+  """The steps of `digits.make_nnx_steps`, jitted another way: `nnx.jit` of (model, optimizer),
+  called directly or through `nnx.cached_partial` (the usual NNX ways), or `jax.jit` over the
+  `nnx.State` of `nnx.split` rather than its pure dict."""
   model = cls(rngs=nnx.Rngs(jax.random.key(0)))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   grad_fn = kfax.value_grad_and_stats(digits.nnx_loss, fisher=DEFAULTS['fisher'])
 
-  @nnx.jit
   def stats_step(model, optimizer, x, y, key):
     loss, grads, stats = grad_fn(model, x, y, rng=key)
     optimizer.update(model, grads, stats=stats)
     return loss
 
-  @nnx.jit
   def plain_step(model, optimizer, x, y):
     loss, grads = nnx.value_and_grad(digits.nnx_loss)(model, x, y)
     optimizer.update(model, grads, stats=None)
     return loss
 
-  bind = nnx.cached_partial if cached else lambda f, *a: lambda *b: f(*a, *b)
-  stats_step, plain_step = (bind(f, model, optimizer) for f in (stats_step, plain_step))
+  if how == 'nnx.State':
+    graphdef, state = nnx.split((model, optimizer))
+    box = [state]
+
+    def over_state(f: Callable) -> Callable:
+      @jax.jit
+      def jitted(state, *args):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss = f(model, optimizer, *args)
+        return nnx.state((model, optimizer)), loss
+
+      def call(*args):
+        box[0], loss = jitted(box[0], *args)
+        return loss
+      return call
+
+    stats_step, plain_step = over_state(stats_step), over_state(plain_step)
+  else:
+    bind = nnx.cached_partial if how == 'nnx.cached_partial' else functools.partial
+    stats_step, plain_step = (bind(nnx.jit(f), model, optimizer) for f in (stats_step, plain_step))
   return lambda stats: stats_step(x, y, key) if stats else plain_step(x, y)
 
 
@@ -196,10 +216,9 @@ def step_times(name: str, data: digits.Data, args: argparse.Namespace) -> dict[s
       linen, digits.kfac_optimizer(tables['linen']), x, y, key)
   series['nnx'], info['nnx'] = example_series(cls, digits.kfac_optimizer(tables['nnx']), x, y,
                                               key)
-  series['nnx, nnx.jit'] = nnx_jit_series(cls, digits.kfac_optimizer(tables['nnx']), x, y, key,
-                                          cached=False)
-  series['nnx, nnx.cached_partial'] = nnx_jit_series(cls, digits.kfac_optimizer(tables['nnx']),
-                                                     x, y, key, cached=True)
+  for how in ('nnx.State', 'nnx.jit', 'nnx.cached_partial'):
+    series[f'nnx, {how}'] = alternative_series(cls, digits.kfac_optimizer(tables['nnx']), x, y,
+                                               key, how)
   phase = lambda i: i % DEFAULTS['stats_every'] == 0
   for step in series.values():  # compile, then warm up: whole blocks keep step 0 the refresh
     for i in range(2 * BLOCK):

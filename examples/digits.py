@@ -16,7 +16,8 @@ sizes and initializers) with the same loop, steps and hyperparameters: the loss 
 `nnx.Module` itself, `loss_fn(model, x, y)`, the table comes from
 `kfax.value_grad_and_stats(loss_fn).layers(model, x, y)`, and each step calls
 `nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads, stats=stats)` inside a `jax.jit`
-over the `nnx.split` state of (model, optimizer) (`make_nnx_steps` says why not `nnx.jit`).
+over the (pure) `nnx.split` state of (model, optimizer); `make_nnx_steps` says why not
+`nnx.jit`.
 
 Run (CPU is fine, well under two minutes):
 
@@ -222,15 +223,16 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, fisher: str) 
 
 
 def make_nnx_steps(graphdef: nnx.GraphDef, fisher: str) -> Steps:
-  """`make_steps` for NNX, over `state`, the pure state of `nnx.split((model, optimizer))` (an
-  `nnx.Optimizer`, graph `graphdef`): each step merges them, calls `optimizer.update(model,
-  grads, stats=...)` and returns the new split state.
+  """`make_steps` for NNX, over `state`, the pure state (`nnx.to_pure_dict`) of
+  `nnx.split((model, optimizer))` (an `nnx.Optimizer`, graph `graphdef`): each step merges them,
+  calls `optimizer.update(model, grads, stats=...)` and returns the new pure state.
 
-  `jax.jit` over split state rather than `nnx.jit` of `(model, optimizer)`: `nnx.jit` walks both
-  graphs in Python on every call, to find their Variables and write the new values back, and on
-  this small problem that doubled the step time (CPU, MLP, K-FAC: 1.8 ms vs 0.8 ms for the plain
-  step, 2.2 vs 1.1 ms with statistics; 1.1 and 1.4 ms through `nnx.cached_partial`). Split
-  state dispatches like linen's params; benchmarks/nnx_vs_linen.py measures it.
+  Why `jax.jit` over pure split state (measured on CPU, K-FAC, benchmarks/nnx_vs_linen.py):
+  `nnx.jit` of `(model, optimizer)` walks both graphs in Python on every call, to find their
+  Variables and write the new values back; on these small models that doubled the step time
+  (MLP: 2.0 ms against linen's 0.9 ms for the plain step, 1.3 ms through `nnx.cached_partial`).
+  Over the `nnx.State` itself, `jax.jit` still flattens and rebuilds its Variable nodes in Python
+  (~0.1 ms a call, +9% on the MLP's plain step); its pure dict dispatches like linen's params.
   """
   grad_fn = kfax.value_grad_and_stats(nnx_loss, fisher=fisher)
 
@@ -239,14 +241,14 @@ def make_nnx_steps(graphdef: nnx.GraphDef, fisher: str) -> Steps:
     model, optimizer = nnx.merge(graphdef, state)
     loss, grads, stats = grad_fn(model, x, y, rng=key)
     optimizer.update(model, grads, stats=stats)
-    return nnx.state((model, optimizer)), loss
+    return nnx.to_pure_dict(nnx.state((model, optimizer))), loss
 
   @jax.jit
   def plain_step(state, x, y):
     model, optimizer = nnx.merge(graphdef, state)
     loss, grads = nnx.value_and_grad(nnx_loss)(model, x, y)
     optimizer.update(model, grads, stats=None)
-    return nnx.state((model, optimizer)), loss
+    return nnx.to_pure_dict(nnx.state((model, optimizer))), loss
 
   @jax.jit
   def accuracy(state, x, y):
@@ -261,15 +263,15 @@ def init(model: Model, tx: optax.GradientTransformation, key: jax.Array, x: jax.
   """A training run's initial `carry` and its jitted steps (`make_steps`, `make_nnx_steps`).
 
   The steps map `(*carry, x, y[, key])` to `(*carry, loss)`; the accuracy reads `carry[0]`.
-  linen: `carry = (params, opt_state)`; NNX: `carry = (state,)`, the split state of the model
-  (built with `nnx.Rngs(key)`) and its `nnx.Optimizer(model, tx, wrt=nnx.Param)`.
+  linen: `carry = (params, opt_state)`; NNX: `carry = (state,)`, the pure split state of the
+  model (built with `nnx.Rngs(key)`) and its `nnx.Optimizer(model, tx, wrt=nnx.Param)`.
   """
   if isinstance(model, nn.Module):
     params = model.init(key, x[:1])['params']
     return (params, tx.init(params)), make_steps(model, tx, fisher)
   module = model(rngs=nnx.Rngs(key))
   graphdef, state = nnx.split((module, nnx.Optimizer(module, tx, wrt=nnx.Param)))
-  return (state,), make_nnx_steps(graphdef, fisher)
+  return (nnx.to_pure_dict(state),), make_nnx_steps(graphdef, fisher)
 
 
 def batch_indices(n: int, steps: int, batch_size: int, seed: int) -> np.ndarray:

@@ -87,6 +87,7 @@ class _Trace:
     self.records: dict[str, _Record] = {}
     self.marks: list[_Mark] = []
     self.active: list[str] = []  # enclosing reparameterising modules (nn.WeightNorm, ...)
+    self.depth: dict[tuple[int, str], int] = {}  # nesting of overridden layer methods (linen)
 
   def locate(self, module: nn.Module, names: tuple[str, ...]) -> tuple[str, ...] | None:
     """The path, in the params given to the loss, of a linen module's own parameters."""
@@ -104,7 +105,16 @@ class _Trace:
     """The linen front-end: `nn.intercept_methods` calls this for every module method call."""
     if _kinds.internal():
       return next_fun(*args, **kwargs)
-    module = context.module
+    module, method = context.module, context.method_name
+    overriding = _kinds.overrides(module, method)
+    if overriding:  # a subclass redefines the layer's method: only the innermost call is its
+      depth = self.depth.get((id(module), method), 0)
+      if depth < overriding:
+        self.depth[id(module), method] = depth + 1
+        try:
+          return next_fun(*args, **kwargs)
+        finally:
+          self.depth[id(module), method] = depth
 
     def path(found: tuple | None) -> tuple[str, ...] | None:
       own = tuple(k for k, v in module.variables.get('params', {}).items()
@@ -115,7 +125,7 @@ class _Trace:
       return self.locate(module, spec.params if isinstance(spec, _kinds.Spec) else own)
 
     acc = None if self.shape_only else module.variables.get('params', {}).get(ACC)
-    return self.call(module, context.method_name, path, next_fun, args, kwargs, acc)
+    return self.call(module, method, path, next_fun, args, kwargs, acc)
 
   def call(self, module: Any, method: str, path: Callable[[Any], tuple[str, ...] | None],
            next_fun: Callable, args: tuple, kwargs: dict, acc: dict | None) -> Any:
@@ -126,7 +136,7 @@ class _Trace:
       found = (found[0], _kinds.Unsupported(
           f'called inside {self.active[-1]} (a reparameterised kernel)'))
     if self.shape_only:
-      self._record(path(found), type(module).__name__, found, args, kwargs)
+      self._record(path(found), class_name(module), found, args, kwargs)
       return self._call(module, next_fun, args, kwargs)
     y = self._call(module, next_fun, args, kwargs)
     if found is None or not isinstance(found[1], _kinds.Spec):
@@ -182,6 +192,14 @@ class _Trace:
       record.reasons.append('calls at different stack depths')
     record.stack = stack
     record.vma |= _vma(_kinds.call_input(args, kwargs))
+
+
+def class_name(module: Any) -> str:
+  """A module's class as the summary names it: flax's by name, others with their module."""
+  cls = type(module)
+  if cls.__module__.startswith('flax.'):
+    return cls.__name__
+  return f'{cls.__module__}.{cls.__qualname__}'
 
 
 def _name(module: Any) -> str:

@@ -552,6 +552,17 @@ def match(module: nn.Module, method: str, args: tuple, kwargs: dict) -> tuple[Ki
   return kind, kind.match(module, method, args, kwargs)
 
 
+def overrides(module: Any, method: str) -> int:
+  """How many classes between a module's own class and its table row redefine `method` (a
+  subclass whose `__call__` scales `super().__call__`'s output): the row's own call, the
+  innermost, is the one whose input and output gradient are the layer's."""
+  found = kind_of(module)
+  if found is None:
+    return 0
+  mro = type(module).__mro__
+  return sum(method in vars(c) for c in mro[:mro.index(found[0])])
+
+
 def save(kind: Kind, spec: Spec, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
   if kind.save is not None:
     return kind.save(spec, module, args, kwargs)

@@ -29,11 +29,18 @@ class Accumulator(nnx.Param):
 
 
 @functools.cache
-def _tapped(cls: type, methods: tuple[str, ...]) -> type:
-  """`cls` with `methods` reporting to the running trace (one subclass per class, cached)."""
-  namespace = {name: _tapped_method(name, getattr(cls, name)) for name in methods}
-  return type(cls.__name__, (cls,), {**namespace, '__module__': cls.__module__,
-                                     '__qualname__': cls.__qualname__})
+def _tapped(cls: type, row: type, methods: tuple[str, ...]) -> type:
+  """`cls` (a subclass of the table row `row`, or `row` itself) with `row`'s `methods`
+  reporting to the running trace. For a subclass the tapped row comes right after it in the
+  method order, so a subclass that redefines `__call__` around `super().__call__` (a scaled
+  embedding) is captured at the row's own call, whose output is the layer's."""
+  namespace = {name: _tapped_method(name, getattr(row, name)) for name in methods}
+  names = {'__module__': row.__module__, '__qualname__': row.__qualname__}
+  tapped_row = type(row.__name__, (row,), {**namespace, **names})
+  if cls is row:
+    return tapped_row
+  return type(cls.__name__, (cls, tapped_row),
+              {'__module__': cls.__module__, '__qualname__': cls.__qualname__})
 
 
 def _tapped_method(name: str, method: Callable) -> Callable:
@@ -65,11 +72,14 @@ class Model:
     self.owners: dict[str, str] = {}  # modules with parameters of their own, for the notes
     for path, module in nnx.iter_modules(copy):
       if any(isinstance(v, nnx.Param) for v in vars(module).values()):
-        self.owners[_key(path)] = type(module).__name__
+        self.owners[_key(path)] = _capture.class_name(module)
       found = _kinds.kind_of(module)
-      methods = found[1].methods if found else ('__call__',)
-      if found or isinstance(module, _kinds.REPARAMETERIZING):
-        object.__setattr__(module, '__class__', _tapped(type(module), methods))
+      if found is None and isinstance(module, _kinds.REPARAMETERIZING):
+        found = (next(c for c in _kinds.REPARAMETERIZING if isinstance(module, c)),
+                 _kinds.Kind(None, None))
+      if found is not None:
+        row, kind = found
+        object.__setattr__(module, '__class__', _tapped(type(module), row, kind.methods))
         setattr(module, PATH, _key(path))
     self.graphdef = nnx.split(copy, nnx.Param, ...)[0]
 

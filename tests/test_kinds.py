@@ -1287,3 +1287,52 @@ def test_an_nnx_state_without_its_module_raises_instead_of_falling_back_silently
     grad_fn.layers(params)
   with pytest.raises(TypeError, match='flax.nnx variables'):
     grad_fn(params, rng=jax.random.key(0))
+
+
+def test_a_subclass_redefining_call_is_captured_at_the_layers_own_call(x64):
+  """`__call__` overridden around `super().__call__` (Gemma's scaled embedding): the statistics
+  are those of the layer's own call, as if the scaling were outside it, for linen and NNX."""
+  from flax import nnx
+
+  class Scaled(nn.Dense):
+    def __call__(self, x):
+      return super().__call__(x) * 3.0
+
+  class Twice(Scaled):  # two levels of overrides
+    def __call__(self, x):
+      return super().__call__(x) + 0.0
+
+  class Outside(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4, name='layer')(x) * 3.0
+
+  class NnxScaled(nnx.Linear):
+    def __call__(self, x):
+      return super().__call__(x) * 3.0
+
+  x = jax.random.normal(jax.random.key(0), (6, 3))
+  y = jax.random.randint(jax.random.key(1), (6,), 0, 4)
+  stats = lambda module, p: kfax.value_grad_and_stats(
+      lambda p, x, y: kfax.softmax_cross_entropy(module.apply({'params': p}, x), y),
+      fisher='empirical')(p, x, y)[2]
+  params = Outside().init(jax.random.key(2), x)['params']
+  expected = stats(Outside(), params)['layer']
+  for module in (Scaled(4), Twice(4)):
+    got = stats(module, params['layer'])['']
+    jax.tree.map(np.testing.assert_allclose, got, expected)
+  model = NnxScaled(3, 4, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  model.kernel.set_value(params['layer']['kernel'])
+  model.bias.set_value(params['layer']['bias'])
+  got = kfax.value_grad_and_stats(lambda m, x, y: kfax.softmax_cross_entropy(m(x), y),
+                                  fisher='empirical')(model, x, y)[2]['']
+  jax.tree.map(np.testing.assert_allclose, got, expected)
+
+
+def test_importing_kfax_with_an_older_flax_raises_a_clear_error():
+  import subprocess
+  import sys
+
+  code = 'import flax; flax.__version__ = "0.12.5"; import kfax'
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+  assert out.returncode != 0 and 'kfax needs flax >= 0.12.6, found 0.12.5' in out.stderr

@@ -220,7 +220,7 @@ def _twin_inputs(shape):
   return _normal(1, shape), None
 
 
-def _twins(name, fisher='empirical'):
+def _twins(name):
   """(nnx model, its loss, linen variables, linen loss, rename nnx keys -> linen, args)."""
   make_nnx, make_linen, apply, shape = TWINS[name]
   x, labels = _twin_inputs(shape)
@@ -251,12 +251,14 @@ def _twins(name, fisher='empirical'):
   return model, nnx_loss, params, linen_loss, rename, x
 
 
-@pytest.mark.parametrize('name', sorted(TWINS))
-def test_nnx_layer_equals_its_linen_twin(x64, name):
-  """Loss, gradients, table, statistics and kfac update of an NNX layer equal its linen twin's."""
+@pytest.mark.parametrize('name, fisher', [(name, 'empirical') for name in sorted(TWINS)] +
+                         [('embed_tied', 'mc'), ('conv_grouped', 'mc')])
+def test_nnx_layer_equals_its_linen_twin(x64, name, fisher):
+  """Loss, gradients, table, statistics and kfac update of an NNX layer equal its linen twin's
+  (with fisher="mc", given the same key)."""
   model, nnx_loss, params, linen_loss, rename, x = _twins(name)
-  f_nnx = kfax.value_grad_and_stats(nnx_loss, fisher='empirical')
-  f_linen = kfax.value_grad_and_stats(linen_loss, fisher='empirical')
+  f_nnx = kfax.value_grad_and_stats(nnx_loss, fisher=fisher)
+  f_linen = kfax.value_grad_and_stats(linen_loss, fisher=fisher)
   t_nnx, t_linen = f_nnx.layers(model, x), f_linen.layers(params, x)
 
   renamed = {rename(k): e._replace(key=rename(k), leaves=tuple(map(rename, e.leaves)))
@@ -268,15 +270,16 @@ def test_nnx_layer_equals_its_linen_twin(x64, name):
   graphdef, state = nnx.split(model)
 
   @_jit
-  def run(state, params, x):
+  def run(state, params, x, rng):
     m = nnx.merge(graphdef, state)
-    loss_n, grads_n, stats_n = f_nnx(m, x)
-    loss_l, grads_l, stats_l = f_linen(params, x)
+    loss_n, grads_n, stats_n = f_nnx(m, x, rng=rng)
+    loss_l, grads_l, stats_l = f_linen(params, x, rng=rng)
     u_n = _kfac_update(t_nnx, grads_n, nnx.state(m, nnx.Param), stats_n)
     u_l = _kfac_update(t_linen, grads_l, params, stats_l)
     return (loss_n, _flat(grads_n), stats_n, _flat(u_n)), (loss_l, grads_l, stats_l, u_l)
 
-  (loss_n, grads_n, stats_n, u_n), (loss_l, grads_l, stats_l, u_l) = run(state, params, x)
+  (loss_n, grads_n, stats_n, u_n), (loss_l, grads_l, stats_l, u_l) = run(
+      state, params, x, jax.random.key(1))
   _assert_rel(loss_n, loss_l, what='loss')
   _assert_trees(_unflat(grads_n), grads_l, rename=rename, what='grads')
   assert {rename(k) for k in stats_n} == set(stats_l)
@@ -567,8 +570,12 @@ def _kfac_sgd(table):
 STEPS = 4
 
 
-def _train_nnx_jit(grad_fn, x, y):
-  """STEPS steps under `nnx.jit` with `nnx.Optimizer`: (model, losses, Python traces)."""
+@pytest.fixture(scope='module')
+def nnx_jit_run():
+  """STEPS steps under `nnx.jit` with `nnx.Optimizer`: (grad_fn, batch, model, optimizer, losses,
+  Python traces of the step)."""
+  x, y = _classification()
+  grad_fn = kfax.value_grad_and_stats(_ce, fisher='mc')
   model = _build(lambda: Classifier(nnx.Rngs(0)), seed=9)
   optimizer = nnx.Optimizer(model, _kfac_sgd(grad_fn.layers(model, x, y)), wrt=nnx.Param)
   traces = [0]
@@ -581,27 +588,25 @@ def _train_nnx_jit(grad_fn, x, y):
     return loss
 
   losses = [float(step(model, optimizer, x, y, jax.random.key(i))) for i in range(STEPS)]
-  assert int(optimizer.step[...]) == STEPS
-  return model, losses, traces[0]
+  return grad_fn, (x, y), model, optimizer, losses, traces[0]
 
 
-def test_nnx_jit_train_step_with_nnx_optimizer_reduces_the_loss_and_traces_once():
+def test_nnx_jit_train_step_with_nnx_optimizer_reduces_the_loss_and_traces_once(nnx_jit_run):
   """`nnx.jit` step, `nnx.Optimizer(wrt=nnx.Param)`, `update(..., stats=)`: loss falls, one trace."""
-  x, y = _classification()
-  grad_fn = kfax.value_grad_and_stats(_ce, fisher='mc')
-  model, losses, traces = _train_nnx_jit(grad_fn, x, y)
+  _, _, _, optimizer, losses, traces = nnx_jit_run
   assert traces == 1
+  assert int(optimizer.step[...]) == STEPS
+  assert isinstance(optimizer.opt_state[0], kfax.KfacState)
+  assert int(optimizer.opt_state[0].count[...]) == STEPS
   assert all(b < a for a, b in zip(losses, losses[1:])), losses
   assert losses[-1] < 0.9 * losses[0], losses
 
 
-def test_plain_jax_jit_with_split_and_merge_matches_nnx_jit():
+def test_plain_jax_jit_with_split_and_merge_matches_nnx_jit(nnx_jit_run):
   """The same steps under `jax.jit` with `nnx.split` / `nnx.merge` give the same parameters."""
-  x, y = _classification()
-  grad_fn = kfax.value_grad_and_stats(_ce, fisher='mc')
-  reference, ref_losses, _ = _train_nnx_jit(grad_fn, x, y)
-
+  grad_fn, (x, y), reference, _, ref_losses, _ = nnx_jit_run
   model = _build(lambda: Classifier(nnx.Rngs(0)), seed=9)
+  initial = _flat(nnx.state(model, nnx.Param))
   optimizer = nnx.Optimizer(model, _kfac_sgd(grad_fn.layers(model, x, y)), wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   traces = [0]
@@ -621,13 +626,12 @@ def test_plain_jax_jit_with_split_and_merge_matches_nnx_jit():
   nnx.update((model, optimizer), state)
   assert traces[0] == 1
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  expected = _flat(nnx.state(reference, nnx.Param))
+  expected = _flat(nnx.state(reference, (nnx.Param, nnx.BatchStat)))
   actual = _flat(nnx.state(model, (nnx.Param, nnx.BatchStat)))
-  assert set(actual) == set(_flat(nnx.state(reference, (nnx.Param, nnx.BatchStat))))
-  for path, value in _flat(nnx.state(reference, (nnx.Param, nnx.BatchStat))).items():
+  assert set(actual) == set(expected)
+  for path, value in expected.items():
     np.testing.assert_allclose(actual[path], value, rtol=1e-5, atol=1e-6, err_msg=path)
-  initial = _flat(nnx.state(_build(lambda: Classifier(nnx.Rngs(0)), seed=9), nnx.Param))
-  assert all(np.abs(expected[p] - initial[p]).max() > 1e-4 for p in expected)
+  assert all(np.abs(expected[p] - initial[p]).max() > 1e-4 for p in initial)
 
 
 def test_has_aux_returns_the_aux_and_the_same_grads_and_stats():
@@ -664,14 +668,15 @@ def test_has_aux_returns_the_aux_and_the_same_grads_and_stats():
 
 
 def test_batch_norm_running_stats_equal_those_of_nnx_value_and_grad():
-  """One kfax grad call updates BatchNorm's running statistics once, as nnx.value_and_grad does."""
+  """One kfax grad call (under nnx.jit) updates BatchNorm's running statistics once, as
+  nnx.value_and_grad does."""
   x, y = _classification()
   model = _build(lambda: Classifier(nnx.Rngs(0)), seed=9)
   reference = nnx.clone(model)
   before = _flat(nnx.state(model, nnx.BatchStat))
-  loss, grads, _ = kfax.value_grad_and_stats(_ce, fisher='mc')(model, x, y,
-                                                               rng=jax.random.key(0))
-  ref_loss, ref_grads = nnx.value_and_grad(_ce)(reference, x, y)
+  grad_fn = kfax.value_grad_and_stats(_ce, fisher='mc')
+  loss, grads, _ = nnx.jit(lambda m: grad_fn(m, x, y, rng=jax.random.key(0)))(model)
+  ref_loss, ref_grads = nnx.jit(lambda m: nnx.value_and_grad(_ce)(m, x, y))(reference)
   after, ref_after = _flat(nnx.state(model, nnx.BatchStat)), _flat(
       nnx.state(reference, nnx.BatchStat))
   assert set(after) == set(ref_after) == {'bn/mean', 'bn/var'}
@@ -691,9 +696,11 @@ def test_dropout_draws_as_many_keys_as_nnx_value_and_grad():
   counts = lambda m: {k: int(v) for k, v in _flat(nnx.state(m, nnx.RngCount)).items()}
   before = counts(model)
   assert before  # the Dropout's stream
+  kfax_step = nnx.jit(lambda m, rng: grad_fn(m, x, y, rng=rng))
+  ref_step = nnx.jit(lambda m: nnx.value_and_grad(_ce)(m, x, y))
   for i in range(2):
-    loss, grads, _ = grad_fn(model, x, y, rng=jax.random.key(i))
-    ref_loss, ref_grads = nnx.value_and_grad(_ce)(reference, x, y)
+    loss, grads, _ = kfax_step(model, jax.random.key(i))
+    ref_loss, ref_grads = ref_step(reference)
     assert counts(model) == counts(reference) != before
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     _assert_trees(grads, ref_grads, 1e-5, what='grads')
@@ -729,16 +736,20 @@ def test_kfac_trains_an_nnx_model_on_digits_faster_than_sgd():
   y = jnp.asarray(digits.target[:512])
   grad_fn = kfax.value_grad_and_stats(_ce, fisher='mc')
 
-  def train(use_kfac):
-    model = DigitsMLP(nnx.Rngs(0))
-    sgd = optax.sgd(0.1, momentum=0.9)
-    tx = _kfac_sgd(grad_fn.layers(model, x, y)) if use_kfac else sgd
-    graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+  model = _build(lambda: DigitsMLP(nnx.Rngs(0)), seed=10, scale=0.15)
+  graphdef, state = nnx.split(model)
+  table = grad_fn.layers(model, x, y)
 
+  def train(use_kfac):
     @_jit
-    def steps(state):
-      def one(state, rng):
-        model, optimizer = nnx.merge(graphdef, state)
+    def run(state):
+      model = nnx.merge(graphdef, state)
+      sgd = optax.sgd(0.1, momentum=0.9)
+      optimizer = nnx.Optimizer(model, _kfac_sgd(table) if use_kfac else sgd, wrt=nnx.Param)
+      both, carry = nnx.split((model, optimizer))
+
+      def one(carry, rng):
+        model, optimizer = nnx.merge(both, carry)
         if use_kfac:
           _, grads, stats = grad_fn(model, x, y, rng=rng)
           optimizer.update(model, grads, stats=stats)
@@ -746,10 +757,11 @@ def test_kfac_trains_an_nnx_model_on_digits_faster_than_sgd():
           optimizer.update(model, nnx.grad(_ce)(model, x, y))
         return nnx.state((model, optimizer)), None
 
-      return jax.lax.scan(one, state, jax.random.split(jax.random.key(0), 20))[0]
+      carry = jax.lax.scan(one, carry, jax.random.split(jax.random.key(0), 20))[0]
+      model, _ = nnx.merge(both, carry)
+      return _ce(model, x, y), (model(x).argmax(-1) == y).mean()
 
-    model, _ = nnx.merge(graphdef, steps(state))
-    return float(_ce(model, x, y)), float((model(x).argmax(-1) == y).mean())
+    return tuple(map(float, run(state)))
 
   (kfac_loss, kfac_acc), (sgd_loss, sgd_acc) = train(True), train(False)
   assert kfac_loss < 0.2 * sgd_loss, (kfac_loss, sgd_loss)
