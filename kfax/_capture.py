@@ -386,9 +386,9 @@ class _Linen:
     del state
 
 
-def _front(x: Any) -> Any:
+def _front(x: Any, args: tuple, kwargs: dict) -> Any:
   if isinstance(x, nnx.Module):
-    return _nnx.Model(x)
+    return _nnx.Model(x, args, kwargs)
   return _Linen(x)
 
 
@@ -539,7 +539,7 @@ def value_grad_and_stats(
     trace)."""
     if takes_rng:
       kwargs['rng'] = jax.random.key(0) if rng is None else rng
-    return probe(_front(x), args, kwargs)[0]
+    return probe(_front(x, args, kwargs), args, kwargs)[0]
 
   def value_grad_stats(x: Any, *args: Any, rng: jax.Array | None = None, **kwargs: Any):
     if fisher == 'mc' and rng is None:
@@ -549,7 +549,7 @@ def value_grad_and_stats(
     if takes_rng:
       kwargs['rng'] = rng
       rng = None if rng is None else jax.random.fold_in(rng, 0x6B666178)
-    front = _front(x)
+    front = _front(x, args, kwargs)
     table, shapes = probe(front, args, kwargs)
     if fisher == 'mc' and not shapes.marks:
       raise ValueError(

@@ -15,6 +15,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from flax import nnx
 
 from kfax import _capture, _kinds
@@ -61,14 +62,23 @@ def _key(path: tuple) -> str:
   return '/'.join(map(str, path))
 
 
+def _is_node(x: Any) -> bool:
+  return isinstance(x, nnx.Pytree)
+
+
 class Model:
   """An nnx model split for capture: `params` (its `nnx.Param` state, differentiated), `state`
-  (everything else: batch statistics, RNG counts) and the graph of a tapped copy."""
+  (everything else: batch statistics, RNG counts; and the state of NNX objects among the loss's
+  other arguments, an `nnx.Rngs`) and the graph of a tapped copy."""
 
-  def __init__(self, model: nnx.Module):
+  def __init__(self, model: nnx.Module, args: tuple, kwargs: dict):
     self.model = model
-    graphdef, self.params, self.state = nnx.split(model, nnx.Param, ...)
-    copy = nnx.merge(graphdef, self.params, self.state)
+    self.nodes = tuple(x for x in jax.tree.leaves((args, kwargs), is_leaf=_is_node)
+                       if _is_node(x))
+    graphdef, self.params, state = nnx.split(model, nnx.Param, ...)
+    self.nodes_graphdef, nodes_state = nnx.split(self.nodes)
+    self.state = (state, nodes_state)
+    copy = nnx.merge(graphdef, self.params, state)
     self.owners: dict[str, str] = {}  # modules with parameters of their own, for the notes
     for path, module in nnx.iter_modules(copy):
       if any(isinstance(v, nnx.Param) for v in vars(module).values()):
@@ -88,19 +98,26 @@ class Model:
     for key, name in self.owners.items():
       trace.records.setdefault(key, _capture._Record()).module = name
 
-  def apply(self, loss_fn: Callable, params: nnx.State, state: nnx.State, accs: dict | None,
-            args: tuple, kwargs: dict) -> tuple[Any, nnx.State]:
-    """`loss_fn` on a tapped copy holding `params` and `state` (and `accs`, the real pass);
-    returns its output and the copy's new non-parameter state."""
-    model = nnx.merge(self.graphdef, params, state, copy=True)  # Variables of this trace
+  def apply(self, loss_fn: Callable, params: nnx.State, state: tuple, accs: dict | None,
+            args: tuple, kwargs: dict) -> tuple[Any, tuple]:
+    """`loss_fn` on a tapped copy holding `params` and `state` (and `accs`, the real pass),
+    with copies of the NNX objects among its arguments; returns its output and the copies' new
+    non-parameter state. Copies are made in this trace, so the loss may update their state."""
+    model = nnx.merge(self.graphdef, params, state[0], copy=True)
+    nodes = iter(nnx.merge(self.nodes_graphdef, state[1], copy=True))
+    args, kwargs = jax.tree.map(lambda x: next(nodes) if _is_node(x) else x, (args, kwargs),
+                                is_leaf=_is_node)
     if accs:
       for _, module in nnx.iter_modules(model):
         key = getattr(module, PATH, None)
         if key in accs:
           setattr(module, ACC, Accumulator(accs[key]))
     out = loss_fn(model, *args, **kwargs)
-    return out, nnx.split(model, nnx.Param, ...)[2]
+    copies = tuple(x for x in jax.tree.leaves((args, kwargs), is_leaf=_is_node) if _is_node(x))
+    return out, (nnx.split(model, nnx.Param, ...)[2], nnx.state(copies))
 
-  def finish(self, state: nnx.State) -> None:
-    """The loss's state updates (BatchNorm statistics, RNG counts) onto the user's model."""
-    nnx.update(self.model, state)
+  def finish(self, state: tuple) -> None:
+    """The loss's state updates (BatchNorm statistics, RNG counts) onto the user's objects."""
+    nnx.update(self.model, state[0])
+    if self.nodes:
+      nnx.update(self.nodes, state[1])

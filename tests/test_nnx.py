@@ -10,6 +10,8 @@
    for a state instead of a model, and a learning test against plain SGD.
 """
 
+import itertools
+
 import flax.linen as nn
 from flax import nnx
 import jax
@@ -89,22 +91,28 @@ def _unflat(flat):
   return out
 
 
-def _assert_rel(actual, expected, tol=TOL, what=''):
+def _assert_rel(actual, expected, tol=TOL, what='', scale=None):
+  """`actual` equals `expected` within `tol` of `scale` (by default the largest entry)."""
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
   assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-  scale = np.abs(expected).max()
+  scale = np.abs(expected).max() if scale is None else scale
   assert scale > 0, f'{what}: degenerate reference'
   err = np.abs(actual - expected).max()
   assert err <= tol * scale, f'{what}: max error {err:.3g} vs scale {scale:.3g}'
 
 
 def _assert_trees(actual, expected, tol=TOL, rename=lambda k: k, what=''):
-  """Two trees of arrays (or nested stats dicts) equal leaf by leaf, `actual`'s paths renamed."""
+  """Two trees of arrays equal leaf by leaf (`actual`'s paths renamed), each within `tol` of its
+  largest entry, or of a thousandth of the tree's for a leaf of rounding noise (the gradient of
+  attention's key bias, which the softmax makes zero)."""
   a = {rename(k): v for k, v in _flat(actual).items()}
   e = _flat(expected)
   assert set(a) == set(e), (what, sorted(a), sorted(e))
+  floor = 1e-3 * max(np.abs(np.asarray(v, np.float64)).max() for v in e.values())
+  assert floor > 0, f'{what}: degenerate reference'
   for k in e:
-    _assert_rel(a[k], e[k], tol, f'{what} {k}')
+    scale = max(np.abs(np.asarray(e[k], np.float64)).max(), floor)
+    _assert_rel(a[k], e[k], tol, f'{what} {k}', scale)
 
 
 def _cosine(u, g):
@@ -168,8 +176,8 @@ def _attention(query, key, value, mask=None, **unused):
   return jnp.einsum('...hqk,...khd->...qhd', jax.nn.softmax(logits, axis=-1), value)
 
 
-F64 = dict(param_dtype=jnp.float64)  # also the dtype of BatchNorm's statistics, Embed's output
-R = lambda: dict(rngs=nnx.Rngs(0), **F64)
+F64 = {'param_dtype': jnp.float64}  # also Embed's compute dtype
+R = lambda: {'rngs': nnx.Rngs(0), **F64}
 
 # name: (nnx layer, linen layer, apply, input shape or 'tokens')
 TWINS = {
@@ -221,7 +229,8 @@ def _twin_inputs(shape):
 
 
 def _twins(name):
-  """(nnx model, its loss, linen variables, linen loss, rename nnx keys -> linen, args)."""
+  """(nnx model, its loss, linen params with the same values, linen loss, nnx key -> linen key,
+  input)."""
   make_nnx, make_linen, apply, shape = TWINS[name]
   x, labels = _twin_inputs(shape)
   model = _build(lambda: Net(make_nnx(), apply), seed=3)
@@ -251,14 +260,16 @@ def _twins(name):
   return model, nnx_loss, params, linen_loss, rename, x
 
 
-@pytest.mark.parametrize('name, fisher', [(name, 'empirical') for name in sorted(TWINS)] +
-                         [('embed_tied', 'mc'), ('conv_grouped', 'mc')])
-def test_nnx_layer_equals_its_linen_twin(x64, name, fisher):
-  """Loss, gradients, table, statistics and kfac update of an NNX layer equal its linen twin's
-  (with fisher="mc", given the same key)."""
+@pytest.mark.parametrize(
+    'name, fisher, sequence',
+    [(name, 'empirical', 'expand') for name in sorted(TWINS)] +
+    [('embed_tied', 'mc', 'expand'), ('conv_grouped', 'mc', 'expand'),
+     ('attention', 'empirical', 'reduce'), ('conv_circular', 'empirical', 'reduce')])
+def test_nnx_layer_equals_its_linen_twin(x64, name, fisher, sequence):
+  """An NNX layer and its linen twin: equal loss, gradients, table, statistics, kfac update."""
   model, nnx_loss, params, linen_loss, rename, x = _twins(name)
-  f_nnx = kfax.value_grad_and_stats(nnx_loss, fisher=fisher)
-  f_linen = kfax.value_grad_and_stats(linen_loss, fisher=fisher)
+  f_nnx = kfax.value_grad_and_stats(nnx_loss, fisher=fisher, sequence=sequence)
+  f_linen = kfax.value_grad_and_stats(linen_loss, fisher=fisher, sequence=sequence)
   t_nnx, t_linen = f_nnx.layers(model, x), f_linen.layers(params, x)
 
   renamed = {rename(k): e._replace(key=rename(k), leaves=tuple(map(rename, e.leaves)))
@@ -296,15 +307,15 @@ class Mixed(nnx.Module):
   """Conv, BatchNorm, Embed, MultiHeadAttention, LayerNorm and Linear in one classifier."""
 
   def __init__(self, rngs):
-    self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
-    self.bn = nnx.BatchNorm(4, rngs=rngs)
+    self.bn = nnx.BatchNorm(2, rngs=rngs)  # before the conv: its bias would have no gradient
+    self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
     self.embed = nnx.Embed(6, 4, rngs=rngs)
     self.attention = nnx.MultiHeadAttention(2, 4, decode=False, rngs=rngs)
     self.norm = nnx.LayerNorm(4, rngs=rngs)
     self.head = nnx.Linear(4, 3, rngs=rngs)
 
   def __call__(self, image, tokens):
-    h = jax.nn.relu(self.bn(self.conv(image))).mean((1, 2))  # (N, 4)
+    h = jax.nn.relu(self.conv(self.bn(image))).mean((1, 2))  # (N, 4)
     e = self.embed(tokens) + h[:, None, :]  # (N, T, 4)
     e = self.norm(e + self.attention(e))
     return self.head(e.mean(1))
@@ -312,7 +323,7 @@ class Mixed(nnx.Module):
 
 def _mixed_batch(n=8):
   rng = np.random.default_rng(5)
-  image = jnp.asarray(rng.standard_normal((n, 4, 4, 1)), jnp.float32)
+  image = jnp.asarray(rng.standard_normal((n, 4, 4, 2)), jnp.float32)
   tokens = jnp.asarray(rng.integers(0, 6, (n, 3)))
   labels = jnp.asarray(rng.integers(0, 3, (n,)))
   return image, tokens, labels
@@ -330,7 +341,7 @@ def test_every_parameter_of_a_mixed_nnx_model_gets_curvature():
   table = grad_fn.layers(model, *batch)
   kinds = {k: (e.kind, e.curvature) for k, e in table.entries.items()}
   assert kinds == {
-      'conv': ('conv', 'kronecker'), 'bn': ('norm', 'unitwise'),
+      'bn': ('norm', 'unitwise'), 'conv': ('conv', 'kronecker'),
       'embed': ('embed', 'kronecker'), 'norm': ('norm', 'unitwise'),
       'head': ('dense', 'kronecker'),
       **{f'attention/{p}': ('dense', 'kronecker') for p in ('query', 'key', 'value', 'out')}}
@@ -348,8 +359,12 @@ def test_every_parameter_of_a_mixed_nnx_model_gets_curvature():
     return _flat(grads), _flat(_kfac_update(table, grads, params, stats, damping=1e-8))
 
   grads, updates = run(state, batch, jax.random.key(0))
+  scale = max(np.abs(g).max() for g in grads.values())
   for path, g in grads.items():
-    assert np.abs(np.asarray(g)).max() > 0, path
+    if path == 'attention/key/bias':  # softmax is shift-invariant: no gradient to precondition
+      assert np.abs(g).max() < 1e-5 * scale
+      continue
+    assert np.abs(g).max() > 1e-3 * scale, path
     assert _cosine(updates[path], g) < 0.999, path
 
 
@@ -537,10 +552,10 @@ def test_nnx_vmap_ensemble_gives_the_unrolled_per_member_stats(x64):
 
 
 class Classifier(nnx.Module):
-  """Linear, BatchNorm (training mode), optional Dropout, Linear."""
+  """Linear (no bias: BatchNorm follows), BatchNorm (training mode), optional Dropout, Linear."""
 
   def __init__(self, rngs, dropout=0.0):
-    self.hidden = nnx.Linear(4, 8, rngs=rngs)
+    self.hidden = nnx.Linear(4, 8, use_bias=False, rngs=rngs)
     self.bn = nnx.BatchNorm(8, momentum=0.5, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else None
     self.out = nnx.Linear(8, 3, rngs=rngs)
@@ -567,6 +582,11 @@ def _kfac_sgd(table):
   return optax.chain(kfax.kfac(table, norm_constraint=1e-2), optax.sgd(0.1, momentum=0.9))
 
 
+def _optimizer(model, tx):
+  """`nnx.Optimizer(model, tx, wrt=nnx.Param)`, its state initialised in one compiled call."""
+  return nnx.jit(lambda m: nnx.Optimizer(m, tx, wrt=nnx.Param))(model)
+
+
 STEPS = 4
 
 
@@ -577,7 +597,7 @@ def nnx_jit_run():
   x, y = _classification()
   grad_fn = kfax.value_grad_and_stats(_ce, fisher='mc')
   model = _build(lambda: Classifier(nnx.Rngs(0)), seed=9)
-  optimizer = nnx.Optimizer(model, _kfac_sgd(grad_fn.layers(model, x, y)), wrt=nnx.Param)
+  optimizer = _optimizer(model, _kfac_sgd(grad_fn.layers(model, x, y)))
   traces = [0]
 
   @nnx.jit
@@ -592,13 +612,13 @@ def nnx_jit_run():
 
 
 def test_nnx_jit_train_step_with_nnx_optimizer_reduces_the_loss_and_traces_once(nnx_jit_run):
-  """`nnx.jit` step, `nnx.Optimizer(wrt=nnx.Param)`, `update(..., stats=)`: loss falls, one trace."""
+  """An `nnx.jit` step with `nnx.Optimizer` and `update(..., stats=)`: loss falls, one trace."""
   _, _, _, optimizer, losses, traces = nnx_jit_run
   assert traces == 1
   assert int(optimizer.step[...]) == STEPS
   assert isinstance(optimizer.opt_state[0], kfax.KfacState)
   assert int(optimizer.opt_state[0].count[...]) == STEPS
-  assert all(b < a for a, b in zip(losses, losses[1:])), losses
+  assert all(b < a for a, b in itertools.pairwise(losses)), losses
   assert losses[-1] < 0.9 * losses[0], losses
 
 
@@ -607,11 +627,11 @@ def test_plain_jax_jit_with_split_and_merge_matches_nnx_jit(nnx_jit_run):
   grad_fn, (x, y), reference, _, ref_losses, _ = nnx_jit_run
   model = _build(lambda: Classifier(nnx.Rngs(0)), seed=9)
   initial = _flat(nnx.state(model, nnx.Param))
-  optimizer = nnx.Optimizer(model, _kfac_sgd(grad_fn.layers(model, x, y)), wrt=nnx.Param)
+  optimizer = _optimizer(model, _kfac_sgd(grad_fn.layers(model, x, y)))
   graphdef, state = nnx.split((model, optimizer))
   traces = [0]
 
-  @jax.jit
+  @_jit  # jax.jit, with LLVM's optimisations off (compile time)
   def step(state, x, y, rng):
     traces[0] += 1
     model, optimizer = nnx.merge(graphdef, state)
@@ -631,7 +651,7 @@ def test_plain_jax_jit_with_split_and_merge_matches_nnx_jit(nnx_jit_run):
   assert set(actual) == set(expected)
   for path, value in expected.items():
     np.testing.assert_allclose(actual[path], value, rtol=1e-5, atol=1e-6, err_msg=path)
-  assert all(np.abs(expected[p] - initial[p]).max() > 1e-4 for p in initial)
+  assert sum(np.abs(expected[p] - initial[p]).sum() for p in initial) > 1e-2  # it trained
 
 
 def test_has_aux_returns_the_aux_and_the_same_grads_and_stats():
@@ -668,8 +688,7 @@ def test_has_aux_returns_the_aux_and_the_same_grads_and_stats():
 
 
 def test_batch_norm_running_stats_equal_those_of_nnx_value_and_grad():
-  """One kfax grad call (under nnx.jit) updates BatchNorm's running statistics once, as
-  nnx.value_and_grad does."""
+  """One kfax call (nnx.jit) moves BatchNorm's running statistics as nnx.value_and_grad does."""
   x, y = _classification()
   model = _build(lambda: Classifier(nnx.Rngs(0)), seed=9)
   reference = nnx.clone(model)
@@ -685,6 +704,10 @@ def test_batch_norm_running_stats_equal_those_of_nnx_value_and_grad():
     np.testing.assert_allclose(after[path], ref_after[path], rtol=1e-6, err_msg=path)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   _assert_trees(grads, ref_grads, 1e-5, what='grads')
+  # The user's model is not capture's tapped copy: same classes, attributes and variables.
+  for (path, module), (_, ref) in zip(nnx.iter_modules(model), nnx.iter_modules(reference)):
+    assert type(module) is type(ref) and set(vars(module)) == set(vars(ref)), path
+  assert set(_flat(nnx.state(model))) == set(_flat(nnx.state(reference)))
 
 
 def test_dropout_draws_as_many_keys_as_nnx_value_and_grad():
@@ -704,6 +727,35 @@ def test_dropout_draws_as_many_keys_as_nnx_value_and_grad():
     assert counts(model) == counts(reference) != before
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     _assert_trees(grads, ref_grads, 1e-5, what='grads')
+
+
+class CallRngs(nnx.Module):
+  """Dropout without stored RNGs: the caller passes `rngs` (the keep_rngs=False pattern)."""
+
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(4, 8, rngs=rngs)
+    self.dropout = nnx.Dropout(0.5)
+    self.out = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x, rngs):
+    return self.out(self.dropout(jnp.tanh(self.hidden(x)), rngs=rngs))
+
+
+def test_an_nnx_rngs_argument_of_the_loss_draws_as_nnx_value_and_grad():
+  """An `nnx.Rngs` passed to the loss: the same draws, loss and gradients as nnx.value_and_grad."""
+  x, y = _classification()
+  model = _build(lambda: CallRngs(nnx.Rngs(0)), seed=9)
+  loss_fn = lambda m, x, y, rngs: kfax.softmax_cross_entropy(m(x, rngs), y)
+  grad_fn = kfax.value_grad_and_stats(loss_fn, fisher='mc')
+  rngs, ref_rngs = nnx.Rngs(dropout=1), nnx.Rngs(dropout=1)
+  assert grad_fn.layers(model, x, y, rngs) == grad_fn.layers(model, x, y, ref_rngs)
+  assert int(rngs.dropout.count[...]) == 0  # the shape-only trace draws on a copy
+  loss, grads, _ = nnx.jit(lambda m, r: grad_fn(m, x, y, r, rng=jax.random.key(0)))(model, rngs)
+  ref_loss, ref_grads = nnx.jit(lambda m, r: nnx.value_and_grad(loss_fn)(m, x, y, r))(
+      model, ref_rngs)
+  assert int(rngs.dropout.count[...]) == int(ref_rngs.dropout.count[...]) == 1
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  _assert_trees(grads, ref_grads, 1e-5, what='grads')
 
 
 def test_an_nnx_state_instead_of_the_model_raises_a_type_error():
