@@ -28,7 +28,7 @@ series feeds one fixed batch (numpy, as `digits.train` does) and one fixed MC ke
 reported: XLA's FLOP count of each compiled step, and the number of pytree leaves of the
 example steps' arguments and the time to flatten them (part of every call's dispatch).
 
-Run (about 3 minutes on 2 busy CPU cores):
+Run (about 4 minutes on 2 busy CPU cores):
 
     python benchmarks/nnx_vs_linen.py
     python benchmarks/nnx_vs_linen.py --models mlp --seeds 1 --rounds 20 --md /tmp/n.md
@@ -259,16 +259,23 @@ def model_lines(name: str, runs: dict[str, list], times: dict[str, dict],
     lines.append(f'| {arm} | {median(arm, "at"):.4f} | {median(arm, "final"):.4f} |'
                  f' {fmt(median(arm, "steps_to_target"), ".0f")} | {per_seed} |'
                  f' {sum(math.isfinite(r["steps_to_target"]) for r in runs[arm])}/{args.seeds} |')
-  same = [max(abs(a - b) for (_, a), (_, b) in zip(r['history'], q['history']))
+  gaps = [max(abs(a - b) for (_, a), (_, b) in zip(r['history'], q['history']))
           for r, q in zip(runs['linen'], runs['nnx, linen init'])]
   lines += ['', f'`nnx, linen init` against `linen`: largest test-accuracy difference at any'
-            f' evaluation, per seed: {", ".join(f"{d:.4f}" for d in same)}.', '',
+            f' evaluation, per seed: {", ".join(f"{d:.4f}" for d in gaps)}.', '',
             '| step series | refresh step ms | stats step ms | plain step ms | amortized ms |'
             ' ratio to linen (refresh / stats / plain / amortized) |', '|---|---|---|---|---|---|']
   keys = ('refresh', 'stats', 'plain', 'amortized')
   for s, t in times.items():
     ratios = ' / '.join(f'{t[k] / times["linen"][k]:.2f}' for k in keys)
     lines.append(f'| {s} | ' + ' | '.join(f'{t[k]:.3f}' for k in keys) + f' | {ratios} |')
+  steps = {arm: median(arm, 'steps_to_target') for arm in ('linen', 'nnx')}
+  amortized = times['nnx']['amortized'] / times['linen']['amortized']
+  same = 'equals' if max(gaps) == 0 else f'differs (by up to {max(gaps):.4f}) from'
+  lines += ['', f'Steps to 97% (median): NNX {fmt(steps["nnx"], ".0f")}, linen'
+            f' {fmt(steps["linen"], ".0f")} from their own initializations; from linen\'s, NNX\'s'
+            f' test accuracy {same} linen\'s at every evaluation. Amortized step NNX/linen'
+            f' {amortized:.2f} (target: within 10%, {"met" if amortized <= 1.1 else "NOT met"}).']
   lines += ['', '| compiled step | arguments: leaves | flatten µs | stats step GFLOP |'
             ' plain step GFLOP |', '|---|---|---|---|---|']
   for s in ('linen', 'nnx'):

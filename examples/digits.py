@@ -16,8 +16,8 @@ sizes and initializers) with the same loop, steps and hyperparameters: the loss 
 `nnx.Module` itself, `loss_fn(model, x, y)`, the table comes from
 `kfax.value_grad_and_stats(loss_fn).layers(model, x, y)`, and each step calls
 `nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads, stats=stats)` inside a `jax.jit`
-over the (pure) `nnx.split` state of (model, optimizer); `make_nnx_steps` says why not
-`nnx.jit`.
+over the state of `nnx.split((model, optimizer))` as a pure dict (`make_nnx_steps` says why not
+`nnx.jit`).
 
 Run (CPU is fine, well under two minutes):
 
@@ -227,12 +227,12 @@ def make_nnx_steps(graphdef: nnx.GraphDef, fisher: str) -> Steps:
   `nnx.split((model, optimizer))` (an `nnx.Optimizer`, graph `graphdef`): each step merges them,
   calls `optimizer.update(model, grads, stats=...)` and returns the new pure state.
 
-  Why `jax.jit` over pure split state (measured on CPU, K-FAC, benchmarks/nnx_vs_linen.py):
-  `nnx.jit` of `(model, optimizer)` walks both graphs in Python on every call, to find their
-  Variables and write the new values back; on these small models that doubled the step time
-  (MLP: 2.0 ms against linen's 0.9 ms for the plain step, 1.3 ms through `nnx.cached_partial`).
-  Over the `nnx.State` itself, `jax.jit` still flattens and rebuilds its Variable nodes in Python
-  (~0.1 ms a call, +9% on the MLP's plain step); its pure dict dispatches like linen's params.
+  Why `jax.jit` over pure split state: `nnx.jit` of `(model, optimizer)` walks both graphs in
+  Python on every call, to find their Variables and write the new values back; over the
+  `nnx.State` itself, `jax.jit` still flattens and rebuilds its Variable nodes in Python. Its
+  pure dict dispatches like linen's params. benchmarks/results/nnx_vs_linen.md, MLP, K-FAC, CPU:
+  plain step 0.96x linen's here, 1.14x over the `nnx.State`, 1.42x through
+  `nnx.cached_partial`, 2.4x under `nnx.jit` (the CNN's longer steps hide more of it: 1.37x).
   """
   grad_fn = kfax.value_grad_and_stats(nnx_loss, fisher=fisher)
 
@@ -416,8 +416,9 @@ def print_table(rows: list[dict], target: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
-  print(f'jax {jax.__version__} on {jax.devices()[0].platform}, flax {args.api}; K-FAC: damping={args.damping}'
-        f' ({args.damping_mode}), norm_constraint={args.norm_constraint or None},'
+  print(f'jax {jax.__version__} on {jax.devices()[0].platform}, flax {args.api};'
+        f' K-FAC: damping={args.damping} ({args.damping_mode}),'
+        f' norm_constraint={args.norm_constraint or None},'
         f' ema_decay={args.ema_decay}, inverse_every={args.inverse_every},'
         f' stats_every={args.stats_every}, fisher={args.fisher}')
   rows = run(args)
