@@ -58,6 +58,18 @@ def _tapped_method(name: str, method: Callable) -> Callable:
   return tapped
 
 
+def _row(module: nnx.Module) -> tuple[type, tuple[str, ...]] | None:
+  """The table row class of a module and its methods to tap; a reparameterising wrapper's
+  `__call__` is tapped too, so that the layers inside it are known to fall back."""
+  found = _kinds.kind_of(module)
+  if found is not None:
+    return found[0], found[1].methods
+  for cls in _kinds.REPARAMETERIZING:
+    if isinstance(module, cls):
+      return cls, ('__call__',)
+  return None
+
+
 def _key(path: tuple) -> str:
   return '/'.join(map(str, path))
 
@@ -83,13 +95,9 @@ class Model:
     for path, module in nnx.iter_modules(copy):
       if any(isinstance(v, nnx.Param) for v in vars(module).values()):
         self.owners[_key(path)] = _capture.class_name(module)
-      found = _kinds.kind_of(module)
-      if found is None and isinstance(module, _kinds.REPARAMETERIZING):
-        found = (next(c for c in _kinds.REPARAMETERIZING if isinstance(module, c)),
-                 _kinds.Kind(None, None))
-      if found is not None:
-        row, kind = found
-        object.__setattr__(module, '__class__', _tapped(type(module), row, kind.methods))
+      row = _row(module)
+      if row is not None:
+        object.__setattr__(module, '__class__', _tapped(type(module), *row))
         setattr(module, PATH, _key(path))
     self.graphdef = nnx.split(copy, nnx.Param, ...)[0]
 

@@ -157,24 +157,6 @@ def insert(tree: Any, path: tuple[str, ...], name: str, value: Any) -> Any:
   return items if isinstance(tree, dict) else type(tree)(items)
 
 
-def pop_all(tree: Any, name: str) -> tuple[Any, dict[str, Any]]:
-  """`tree` without every mapping entry `name`, and those entries by their parent's path."""
-  found: dict[str, Any] = {}
-
-  def walk(node: Any, path: tuple[str, ...]) -> Any:
-    if not isinstance(node, Mapping):
-      return node
-    items = {}
-    for k, v in node.items():
-      if k == name:
-        found['/'.join(path)] = v
-      else:
-        items[k] = walk(v, path + (str(k),))
-    return items if isinstance(node, dict) else type(node)(items)
-
-  return walk(tree, ()), found
-
-
 def subtree_paths(tree: Any) -> list[tuple[str, ...]]:
   """Paths of every mapping in a params tree (the places layers' parameters live)."""
   out = []

@@ -818,3 +818,25 @@ def test_kfac_trains_an_nnx_model_on_digits_faster_than_sgd():
   (kfac_loss, kfac_acc), (sgd_loss, sgd_acc) = train(True), train(False)
   assert kfac_loss < 0.2 * sgd_loss, (kfac_loss, sgd_loss)
   assert kfac_acc > sgd_acc, (kfac_acc, sgd_acc)
+
+
+def test_layers_inside_nnx_weight_and_spectral_norm_fall_back_with_the_reason():
+  """nnx.WeightNorm / nnx.SpectralNorm hand their layer a transformed kernel: K-FAC of the
+  stored one would be wrong, so those layers get the diagonal fallback, and the summary says
+  why; the layer after them is still captured."""
+
+  class Wrapped(nnx.Module):
+    def __init__(self, rngs):
+      self.sn = nnx.SpectralNorm(nnx.Linear(3, 4, rngs=rngs), rngs=rngs)
+      self.wn = nnx.WeightNorm(nnx.Linear(4, 4, rngs=rngs), rngs=rngs)
+      self.out = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(self.wn(self.sn(x, update_stats=True)))
+
+  x, y = jnp.ones((5, 3)), jnp.zeros(5, jnp.int32)
+  table = kfax.value_grad_and_stats(_ce).layers(Wrapped(nnx.Rngs(0)), x, y)
+  for key, wrapper in (('sn', 'SpectralNorm'), ('wn', 'WeightNorm')):
+    entry = table.entries[f'{key}/layer_instance/kernel']
+    assert entry.curvature == 'diagonal' and f'inside {wrapper}' in entry.note
+  assert table.entries['out'].curvature == 'kronecker'
