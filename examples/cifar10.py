@@ -39,6 +39,7 @@ os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')  # before numpy or jax load O
 
 import argparse
 from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -54,14 +55,16 @@ class BasicBlock(nn.Module):
 
   features: int
   strides: int = 1
+  dtype: Any = jnp.float32  # compute; parameters stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv = partial(nn.Conv, use_bias=False, padding=((1, 1), (1, 1)))
-    y = nn.relu(norm(train)(conv(self.features, (3, 3), strides=self.strides)(x)))
-    y = norm(train, scale_init=nn.initializers.zeros)(conv(self.features, (3, 3))(y))
+    conv = partial(nn.Conv, use_bias=False, padding=((1, 1), (1, 1)), dtype=self.dtype)
+    bn = partial(norm, train, dtype=self.dtype)
+    y = nn.relu(bn()(conv(self.features, (3, 3), strides=self.strides)(x)))
+    y = bn(scale_init=nn.initializers.zeros)(conv(self.features, (3, 3))(y))
     if x.shape[-1] != self.features or self.strides != 1:
-      x = norm(train)(nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(x))
+      x = bn()(nn.Conv(self.features, (1, 1), self.strides, use_bias=False, dtype=self.dtype)(x))
     return nn.relu(x + y)
 
 
@@ -70,19 +73,22 @@ class ResNet18(nn.Module):
 
   width: int = 64
   classes: int = 10
+  dtype: Any = jnp.float32  # compute; parameters stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-    x = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)(x)
-    x = nn.relu(norm(train)(x))
+    x = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype)(x)
+    x = nn.relu(norm(train, dtype=self.dtype)(x))
     for stage in range(4):
       for block in range(2):
-        x = BasicBlock(self.width * 2**stage, 2 if stage and not block else 1)(x, train)
-    return nn.Dense(self.classes)(jnp.mean(x, axis=(1, 2)))
+        x = BasicBlock(self.width * 2**stage, 2 if stage and not block else 1,
+                       self.dtype)(x, train)
+    logits = nn.Dense(self.classes, dtype=self.dtype)(jnp.mean(x, axis=(1, 2)))
+    return logits.astype(jnp.float32)
 
 
 def make_model(args: argparse.Namespace) -> nn.Module:
-  return ResNet18(args.width, args.num_classes)
+  return ResNet18(args.width, args.num_classes, jnp.dtype(args.dtype))
 
 
 TASK = _common.Task(

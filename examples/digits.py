@@ -26,6 +26,10 @@ Run (CPU is fine, well under two minutes):
     python examples/digits.py --models mlp --damping_mode eigen --damping 1e-3 --json out.json
 
 Needs scikit-learn (`pip install -e .[examples]`); the data set ships with it, no download.
+A progress bar per run (`--no-progress` hides it) and, with `--log_dir DIR`, per run
+`DIR/<model>-<optimizer>/metrics.csv`, TensorBoard events and PNG plots of the loss and test
+accuracy at each evaluation (`examples/_monitor.py`: tqdm, tensorboardX, matplotlib). No
+checkpoints: each run takes seconds.
 
 On CPU, JAX runs Cholesky and eigendecompositions through SciPy's OpenBLAS, whose threads
 oversubscribe the cores beside XLA's own thread pool: on a busy 2-core machine a refresh then
@@ -296,6 +300,7 @@ def train(
     eval_every: int = 10,
     batch_size: int = BATCH_SIZE,
     stop_at_target: bool = False,
+    monitor: Any = None,
 ) -> dict:
   """Trains `model` (linen, or an NNX model class: see `init`) with `tx` for `steps` minibatch
   steps, evaluating every `eval_every`.
@@ -305,7 +310,8 @@ def train(
   when the loss is no longer finite, or at the target with `stop_at_target`. Returns
   `steps_to_target` and `seconds_to_target` (None if the target test accuracy was never
   reached), `final_accuracy`, `diverged`, `steps` run and the accuracy `history` as
-  (step, accuracy) pairs.
+  (step, accuracy) pairs. `monitor`: an `examples/_monitor.py` `Monitor` (progress bar, CSV,
+  TensorBoard) that receives each evaluation's loss and test accuracy; it is not closed here.
   """
   key = jax.random.key(seed)
   init_key, stats_key = jax.random.split(key)
@@ -326,7 +332,7 @@ def train(
   steps_to_target = seconds_to_target = None
   i = 0
   while i < steps:
-    start = time.perf_counter()
+    start, first = time.perf_counter(), i
     for _ in range(min(eval_every, steps - i)):
       *carry, loss = step(i, carry)
       i += 1
@@ -335,6 +341,9 @@ def train(
     acc = float(accuracy(carry[0], x_test, y_test))
     history.append((i, acc))
     diverged = not np.isfinite(float(loss))
+    if monitor is not None:
+      monitor.advance(i - first)
+      monitor.log(i, loss=float(loss), test_accuracy=acc)
     if diverged:
       break
     if steps_to_target is None and acc >= target:
@@ -375,7 +384,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument('--api', choices=('linen', 'nnx'), default='linen',
                  help='the models in Flax linen or Flax NNX')
   p.add_argument('--json', metavar='PATH', help='also write the results as JSON')
-  return p.parse_args(argv)
+  p.add_argument('--log_dir', metavar='DIR',
+                 help='per run (model and optimizer), DIR/<model>-<optimizer>/: metrics.csv,'
+                      ' TensorBoard events and, at its end, a PNG plot per metric')
+  p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True,
+                 help='a progress bar per run (images/s, loss, ETA) on stderr')
+  args = p.parse_args(argv)
+  if args.steps < 1 or args.eval_every < 1:
+    p.error('--steps and --eval_every must be >= 1')
+  return args
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -394,9 +411,17 @@ def run(args: argparse.Namespace) -> list[dict]:
         'adam': (args.adam_lr, optax.adam(args.adam_lr)),
     }
     for opt, (lr, tx) in optimizers.items():
+      monitor = None
+      if args.log_dir or args.progress:
+        from _monitor import Monitor  # examples/_monitor.py: tqdm, tensorboardX, matplotlib
+
+        log_dir = os.path.join(args.log_dir, f'{name.strip()}-{opt}') if args.log_dir else None
+        monitor = Monitor(log_dir, args.steps, BATCH_SIZE, show=args.progress)
       result = train(model, tx, data, steps=args.steps, seed=args.seed, target=args.target,
                      eval_every=args.eval_every, fisher=args.fisher,
-                     stats_every=args.stats_every if opt == 'kfac' else None)
+                     stats_every=args.stats_every if opt == 'kfac' else None, monitor=monitor)
+      if monitor is not None:
+        monitor.close()
       rows.append({'model': name.strip(), 'optimizer': opt, 'learning_rate': lr, **result})
   return rows
 

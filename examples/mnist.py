@@ -33,9 +33,12 @@ import os
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')  # before numpy or jax load OpenBLAS
 
 import argparse
+from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 import _common
 
@@ -45,19 +48,21 @@ class LeNet(nn.Module):
 
   width: int = 20
   classes: int = 10
+  dtype: Any = jnp.float32  # compute; parameters stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     del train  # no BatchNorm or dropout
+    conv = partial(nn.Conv, padding='VALID', dtype=self.dtype)
     pool = lambda h: nn.max_pool(h, (2, 2), strides=(2, 2))
-    x = pool(nn.relu(nn.Conv(self.width, (5, 5), padding='VALID')(x)))
-    x = pool(nn.relu(nn.Conv(self.width * 5 // 2, (5, 5), padding='VALID')(x)))
-    x = nn.relu(nn.Dense(self.width * 25)(x.reshape((x.shape[0], -1))))
-    return nn.Dense(self.classes)(x)
+    x = pool(nn.relu(conv(self.width, (5, 5))(x)))
+    x = pool(nn.relu(conv(self.width * 5 // 2, (5, 5))(x)))
+    x = nn.relu(nn.Dense(self.width * 25, dtype=self.dtype)(x.reshape((x.shape[0], -1))))
+    return nn.Dense(self.classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 def make_model(args: argparse.Namespace) -> nn.Module:
-  return LeNet(args.width, args.num_classes)
+  return LeNet(args.width, args.num_classes, jnp.dtype(args.dtype))
 
 
 TASK = _common.Task(
