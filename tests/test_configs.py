@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from utils import IMAGENET_TRAIN, SEED_IMAGENET
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'examples'))
@@ -23,19 +24,7 @@ import cifar10  # noqa: E402
 import resnet_imagenet as imagenet  # noqa: E402
 
 CONFIGS = ROOT / 'examples' / 'configs'
-IMAGENET_TRAIN = 1_281_167
-
-# The seed's table (github.com/tyohei/chainerkfac, examples/imagenet/configs/*.json; the facts
-# file's section 3.1), by global batch: epoch (the configs' value, one more than the README's),
-# lr, epoch_lr_decay_start, polynomial_decay_p, polynomial_epoch, momentum, damping, mixup_alpha.
-SEED = {
-    4_096: (36, 8.18e-3, 1, 11, 53, 0.997, 2.5e-4, 0.4),
-    8_192: (36, 1.25e-2, 1, 8.0, 53.5, 0.993, 2.5e-4, 0.4),
-    16_384: (36, 2.5e-2, 1, 8.0, 53.5, 0.985, 2.5e-4, 0.4),
-    32_768: (46, 3.0e-2, 1.5, 3.5, 49.5, 0.97, 2.0e-4, 0.6),
-    65_536: (61, 4.0e-2, 2, 2.9, 64.5, 0.95, 1.5e-4, 0.6),
-    131_072: (81, 7.0e-2, 1, 3.0, 95.0, 0.93, 1.0e-4, 1.0),
-}
+SEED = SEED_IMAGENET  # the seed's table (tests/utils.py)
 README_EPOCHS = {4_096: 35, 8_192: 35, 16_384: 35, 32_768: 45, 65_536: 60, 131_072: 80}
 # Common to all six, as our flags: normalize_weight, lr_plan "polynomial", adjust_momentum,
 # cov_ema_decay 1.0 (the weight of the new statistic: ema_decay 0 here), running_mixup, re_rate,

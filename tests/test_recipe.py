@@ -16,21 +16,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import kfax
+from utils import IMAGENET_TRAIN, SEED_IMAGENET
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / 'examples'))
 import recipe
 
-IMAGENET = 1_281_167
-# chainerkfac's six ImageNet configs: batch -> (epoch, lr, epoch_lr_decay_start, polynomial_decay_p,
-# polynomial_epoch, momentum, damping, mixup_alpha).
-CONFIGS = {
-    4_096: (36, 8.18e-3, 1, 11, 53, 0.997, 2.5e-4, 0.4),
-    8_192: (36, 1.25e-2, 1, 8.0, 53.5, 0.993, 2.5e-4, 0.4),
-    16_384: (36, 2.5e-2, 1, 8.0, 53.5, 0.985, 2.5e-4, 0.4),
-    32_768: (46, 3.0e-2, 1.5, 3.5, 49.5, 0.97, 2.0e-4, 0.6),
-    65_536: (61, 4.0e-2, 2, 2.9, 64.5, 0.95, 1.5e-4, 0.6),
-    131_072: (81, 7.0e-2, 1, 3.0, 95.0, 0.93, 1.0e-4, 1.0),
-}
+IMAGENET = IMAGENET_TRAIN
+CONFIGS = SEED_IMAGENET  # the seed's six configs (tests/utils.py)
 
 
 def seed_lr(epoch: float, lr: float, start: float, end: float, p: float) -> float:

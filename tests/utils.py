@@ -70,3 +70,19 @@ def assert_close(actual, expected, rtol=1e-6, atol=1e-9):
 def relative_error(actual, expected) -> float:
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
   return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+# chainerkfac's six ImageNet configurations (github.com/tyohei/chainerkfac at 99e8839,
+# examples/imagenet/configs/*.json; the facts file's section 3.1), by global batch: epoch (the
+# code's value, one more than its README's), lr, epoch_lr_decay_start, polynomial_decay_p,
+# polynomial_epoch, momentum, damping, mixup_alpha. Written here, independently of
+# examples/configs/, which the tests check against it.
+SEED_IMAGENET = {
+    4_096: (36, 8.18e-3, 1, 11, 53, 0.997, 2.5e-4, 0.4),
+    8_192: (36, 1.25e-2, 1, 8.0, 53.5, 0.993, 2.5e-4, 0.4),
+    16_384: (36, 2.5e-2, 1, 8.0, 53.5, 0.985, 2.5e-4, 0.4),
+    32_768: (46, 3.0e-2, 1.5, 3.5, 49.5, 0.97, 2.0e-4, 0.6),
+    65_536: (61, 4.0e-2, 2, 2.9, 64.5, 0.95, 1.5e-4, 0.6),
+    131_072: (81, 7.0e-2, 1, 3.0, 95.0, 0.93, 1.0e-4, 1.0),
+}
+IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k's training set
