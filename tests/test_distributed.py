@@ -108,11 +108,17 @@ def _assert_same(params, damping_mode='factored'):
 @pytest.mark.parametrize('gather,damping_mode', [
     ('decompositions', 'factored'), ('gradients', 'factored'), ('gradients', 'eigen')])
 def test_pmap_matches_one_device(gather, damping_mode):
-  params, xs, ys = _data()
   tx = _tx('batch', comm_dtype='float32', gather=gather, damping_mode=damping_mode)
+  _assert_same(_train_pmap(tx, _local), damping_mode)
+
+
+def _train_pmap(tx, local):
+  """`_train` under `pmap` over the 8 devices, `local` each device's gradients and statistics;
+  device 0's final params."""
+  params, xs, ys = _data()
 
   def grad_and_stats(params, x, y, with_stats):
-    grads, stats = _local(params, x, y, with_stats)
+    grads, stats = local(params, x, y, with_stats)
     return jax.lax.pmean(grads, 'batch'), stats
 
   step = jax.pmap(functools.partial(_step, tx, grad_and_stats), axis_name='batch',
@@ -121,7 +127,7 @@ def test_pmap_matches_one_device(gather, damping_mode):
   # gather='gradients' keeps a different share of the state on each device: init per device.
   state = jax.pmap(tx.init, axis_name='batch')(_replicate(params))
   out = _train(step, _replicate(params), shard(xs), shard(ys), state)
-  _assert_same(jax.tree.map(lambda v: v[0], out), damping_mode)
+  return jax.tree.map(lambda v: v[0], out)
 
 
 @pytest.mark.parametrize('check_vma,axis_type,gather', [
@@ -129,8 +135,13 @@ def test_pmap_matches_one_device(gather, damping_mode):
       for axis in (AxisType.Explicit, AxisType.Auto)),
     (True, AxisType.Explicit, 'gradients'), (False, AxisType.Explicit, 'gradients')])
 def test_shard_map_matches_one_device(check_vma, axis_type, gather):
+  _assert_same(_train_shard_map(_tx('data', gather=gather), _local, check_vma, axis_type))
+
+
+def _train_shard_map(tx, local, check_vma, axis_type):
+  """`_train` under `shard_map` over a 'data' axis of the 8 devices, `local` each device's
+  gradients and statistics, the optimizer state laid out by `kfax.partition_specs`."""
   mesh = jax.make_mesh((DEVICES,), ('data',), axis_types=(axis_type,))
-  tx = _tx('data', gather=gather)
   params = _data()[0]
   shapes = jax.eval_shape(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=P(),
                                         check_vma=False), params)
@@ -138,7 +149,7 @@ def test_shard_map_matches_one_device(check_vma, axis_type, gather):
   state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs))(params)
 
   def grad_and_stats(params, x, y, with_stats):
-    grads, stats = _local(params, x, y, with_stats)
+    grads, stats = local(params, x, y, with_stats)
     if check_vma:  # gradients w.r.t. replicated params arrive summed over devices
       return jax.tree.map(lambda g: g / jax.lax.psum(1, 'data'), grads), stats
     return jax.lax.pmean(grads, 'data'), stats
@@ -148,7 +159,7 @@ def test_shard_map_matches_one_device(check_vma, axis_type, gather):
     return jax.shard_map(body, mesh=mesh, in_specs=(P(), specs, P('data'), P('data')),
                          out_specs=(P(), specs), check_vma=check_vma)(params, state, x, y)
 
-  _assert_same(_train_sharded(jax.jit(step, static_argnums=4), mesh, tx, state))
+  return _train_sharded(jax.jit(step, static_argnums=4), mesh, tx, state)
 
 
 @pytest.mark.parametrize('split', [False, True])
@@ -422,44 +433,14 @@ def test_nnx_table_is_the_linen_table():
 
 
 def test_nnx_pmap_matches_one_device():
-  params, xs, ys = _data()
-  graphdef = nnx.graphdef(_nnx_model(params))
-  local = _nnx_local(graphdef)
-  tx = _tx('batch')
-
-  def grad_and_stats(params, x, y, with_stats):
-    grads, stats = local(params, x, y, with_stats)
-    return jax.lax.pmean(grads, 'batch'), stats
-
-  step = jax.pmap(functools.partial(_step, tx, grad_and_stats), axis_name='batch',
-                  static_broadcasted_argnums=4)
-  shard = lambda v: v.reshape(v.shape[0], DEVICES, -1, *v.shape[2:])
-  state = jax.pmap(tx.init, axis_name='batch')(_replicate(params))
-  out = _train(step, _replicate(params), shard(xs), shard(ys), state)
-  _assert_same(jax.tree.map(lambda v: v[0], out))
+  params = _data()[0]
+  _assert_same(_train_pmap(_tx('batch'), _nnx_local(nnx.graphdef(_nnx_model(params)))))
 
 
 def test_nnx_shard_map_matches_one_device():
   """With check_vma: each layer's accumulators vary over the devices like its input."""
-  mesh = jax.make_mesh((DEVICES,), ('data',), axis_types=(AxisType.Explicit,))
-  params = _data()[0]
-  local = _nnx_local(nnx.graphdef(_nnx_model(params)))
-  tx = _tx('data')
-  shapes = jax.eval_shape(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=P(),
-                                        check_vma=False), params)
-  specs = kfax.partition_specs(shapes, 'data')
-  state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs))(params)
-
-  def grad_and_stats(params, x, y, with_stats):
-    grads, stats = local(params, x, y, with_stats)
-    return jax.tree.map(lambda g: g / jax.lax.psum(1, 'data'), grads), stats
-
-  def step(params, state, x, y, with_stats):
-    body = lambda p, s, x, y: _step(tx, grad_and_stats, p, s, x, y, with_stats)
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(), specs, P('data'), P('data')),
-                         out_specs=(P(), specs), check_vma=True)(params, state, x, y)
-
-  _assert_same(_train_sharded(jax.jit(step, static_argnums=4), mesh, tx, state))
+  local = _nnx_local(nnx.graphdef(_nnx_model(_data()[0])))
+  _assert_same(_train_shard_map(_tx('data'), local, True, AxisType.Explicit))
 
 
 def test_nnx_partitioned_model_under_nnx_optimizer_matches_one_device():
