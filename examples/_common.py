@@ -395,17 +395,14 @@ def tfds_batches(args: argparse.Namespace, task: Task, local_batch: int, train: 
   starts at batch `first` of a stream seeded by `--seed` (file order and shuffle buffer), so
   that a resumed run skips what it has seen; tf.data's determinism makes that exact on one host
   configuration, not guaranteed across TensorFlow versions."""
-  try:
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-  except ImportError:
-    raise SystemExit('--data tfds needs TensorFlow Datasets: `pip install tensorflow'
-                     ' tensorflow-datasets`; or run with --data synthetic (no download).') from None
+  tfds = _tfds()
+  import tensorflow as tf
+
   tf.config.set_visible_devices([], 'GPU')  # leave the accelerators to JAX
   split = 'train' if train else task.test_split
-  ds, info = tfds.load(task.tfds_name, split=tfds.split_for_jax_process(split), with_info=True,
-                       as_supervised=True, shuffle_files=train, data_dir=args.data_dir,
-                       read_config=tfds.ReadConfig(shuffle_seed=args.seed))
+  ds = tfds.load(task.tfds_name, split=tfds.split_for_jax_process(split),
+                 as_supervised=True, shuffle_files=train, data_dir=args.data_dir,
+                 read_config=tfds.ReadConfig(shuffle_seed=args.seed))
   size, mean, std = args.image_size, tf.constant(task.mean), tf.constant(task.std)
 
   def prepare(image, label):
@@ -422,7 +419,7 @@ def tfds_batches(args: argparse.Namespace, task: Task, local_batch: int, train: 
     return iter(tfds.as_numpy(ds.prefetch(2)))
   pad = tf.data.Dataset.from_tensors(
       (tf.zeros((size, size, task.channels)), tf.constant(0), tf.constant(0.0))).repeat()
-  per_process = -(-info.splits[task.test_split].num_examples // jax.process_count())
+  per_process = -(-split_size(args, task, task.test_split) // jax.process_count())
   batches = ds.concatenate(pad).batch(local_batch).take(-(-per_process // local_batch))
   return iter(tfds.as_numpy(batches))
 
@@ -462,17 +459,29 @@ def imagelist_batches(args: argparse.Namespace, task: Task, local_batch: int, tr
   return iter(data.prefetched_batches(examples, local_batch, args.loader_workers, 2))
 
 
+def _tfds():
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise SystemExit('--data tfds needs TensorFlow Datasets: `pip install -e ".[tfds]"`'
+                     ' (tensorflow, tensorflow-datasets), or --data synthetic (no download).'
+                     ) from None
+  return tfds
+
+
+def split_size(args: argparse.Namespace, task: Task, split: str) -> int:
+  """Examples in a tfds split: the cardinality tfds gives the loaded split (from its metadata,
+  and also under `tfds.testing.mock_data`, whose metadata has no splits)."""
+  ds = _tfds().load(task.tfds_name, split=split, data_dir=args.data_dir)
+  return int(ds.cardinality())
+
+
 def train_size(args: argparse.Namespace, task: Task) -> int:
   if args.data == 'synthetic':
     return args.synthetic_size
   if args.data == 'imagelist':
     return len(image_list(args, train=True))
-  try:
-    import tensorflow_datasets as tfds
-  except ImportError:
-    raise SystemExit('--data tfds needs TensorFlow Datasets: `pip install tensorflow'
-                     ' tensorflow-datasets`; or run with --data synthetic (no download).') from None
-  return tfds.builder(task.tfds_name, data_dir=args.data_dir).info.splits['train'].num_examples
+  return split_size(args, task, 'train')
 
 
 def batches(args: argparse.Namespace, task: Task, global_batch: int, train: bool,
@@ -540,12 +549,15 @@ def init_variables(model: nn.Module, mesh: Mesh, shape: tuple[int, ...],
 
 
 def make_loss(model: nn.Module) -> Callable:
-  """`loss(params, images, labels, *, batch_stats) -> (mean loss, new batch_stats)`."""
+  """`loss(params, images, targets, labels, *, batch_stats) -> (mean loss, (new batch_stats,
+  accuracy))`: the loss against `targets` (soft with mixup), the training accuracy against the
+  integer, unmixed `labels`, as chainerkfac reports it."""
 
-  def loss_fn(params, x, y, *, batch_stats):
+  def loss_fn(params, x, y, labels, *, batch_stats):
     logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
                               mutable=['batch_stats'])
-    return kfax.softmax_cross_entropy(logits, y), new.get('batch_stats', {})
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return kfax.softmax_cross_entropy(logits, y), (new.get('batch_stats', {}), accuracy)
 
   return loss_fn
 
@@ -561,19 +573,20 @@ def layer_table(model: nn.Module, args: argparse.Namespace, mesh: Mesh, params: 
   BatchNorm's mean over 'data' finds its axis."""
   grad_fn, tables = stats_fn(model, args), []
 
-  def probe(params, batch_stats, x, y):
+  def probe(params, batch_stats, x, y, labels):
     local = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to='varying'), params)
-    tables.append(grad_fn.layers(local, x, y, batch_stats=batch_stats))
+    tables.append(grad_fn.layers(local, x, y, labels, batch_stats=batch_stats))
     return jnp.zeros(())
 
   micro = args.batch_size // args.acc_iters  # over all devices; the step's per-device share
   batch = NamedSharding(mesh, P(AXIS))
-  labels = (jax.ShapeDtypeStruct((micro, args.num_classes), jnp.float32, sharding=batch)
-            if args.mixup_alpha else jax.ShapeDtypeStruct((micro,), jnp.int32, sharding=batch))
-  jax.eval_shape(jax.shard_map(probe, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)),
+  labels = jax.ShapeDtypeStruct((micro,), jnp.int32, sharding=batch)
+  targets = (jax.ShapeDtypeStruct((micro, args.num_classes), jnp.float32, sharding=batch)
+             if args.mixup_alpha else labels)
+  jax.eval_shape(jax.shard_map(probe, mesh=mesh, in_specs=(P(), P(), *[P(AXIS)] * 3),
                                out_specs=P()),
                  params, batch_stats, jax.ShapeDtypeStruct((micro, *shape), jnp.float32,
-                                                           sharding=batch), labels)
+                                                           sharding=batch), targets, labels)
   return tables[0]
 
 
@@ -641,7 +654,8 @@ def make_augment(args: argparse.Namespace) -> Callable | None:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                     specs: TrainState, args: argparse.Namespace, with_stats: bool) -> Callable:
-  """`step(state, images, labels) -> (state, mean loss)`, jitted over the mesh, state donated."""
+  """`step(state, images, labels) -> (state, (mean loss, training accuracy))`, jitted over the
+  mesh, state donated."""
 
   if with_stats:
     grad_fn = stats_fn(model, args)
@@ -650,8 +664,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
   grad_fn = kfax.accumulate(grad_fn, args.acc_iters)  # a mean over micro-batches
   augment = make_augment(args)
 
-  def step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainState, jax.Array]:
-    previous = state.previous
+  def step(state: TrainState, x: jax.Array,
+           labels: jax.Array) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
+    previous, y = state.previous, labels
     if augment is None:
       key, sample_key = jax.random.split(state.key)
     else:
@@ -662,16 +677,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
     local = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to='varying'), state.params)
     if with_stats:
       sample_key = jax.random.fold_in(sample_key, jax.lax.axis_index(AXIS))
-      (loss, batch_stats), grads, stats = grad_fn(local, x, y, rng=sample_key,
-                                                  batch_stats=state.batch_stats)
+      (loss, (batch_stats, accuracy)), grads, stats = grad_fn(
+          local, x, y, labels, rng=sample_key, batch_stats=state.batch_stats)
     else:
-      (loss, batch_stats), grads = grad_fn(local, x, y, batch_stats=state.batch_stats)
+      (loss, (batch_stats, accuracy)), grads = grad_fn(local, x, y, labels,
+                                                       batch_stats=state.batch_stats)
       stats = None
     grads = jax.lax.pmean(grads, AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, stats=stats)
     params = optax.apply_updates(state.params, updates)
     return (TrainState(params, batch_stats, opt_state, key, previous),
-            jax.lax.pmean(loss, AXIS))
+            jax.lax.pmean((loss, accuracy), AXIS))
 
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(specs, P(AXIS), P(AXIS)),
                           out_specs=(specs, P()))
@@ -797,18 +813,20 @@ def train(task: Task, args: argparse.Namespace) -> dict:
     if i > start:
       x, y, _ = next(train_batches)
       x, y = global_array(mesh, x), global_array(mesh, y)
-    state, loss = compiled[kfac and i % args.stats_every == 0](state, x, y)
+    state, (loss, train_accuracy) = compiled[kfac and i % args.stats_every == 0](state, x, y)
     done = i + 1
     monitor.advance()
     if i % args.log_every == 0 or done == steps:
-      loss = float(loss)  # the only host sync of training
+      loss, train_accuracy = map(float, (loss, train_accuracy))  # training's only host sync
       last = history[-1] if history else {'step': start - 1, 'seconds': 0.0}
-      history.append({'step': i, 'loss': loss, 'seconds': tick()})
+      history.append({'step': i, 'loss': loss, 'train_accuracy': train_accuracy,
+                      'seconds': tick()})
       per_step = (history[-1]['seconds'] - last['seconds']) / (i - last['step'])
       lr = float(schedule(i))
-      monitor.log(i, loss=loss, lr=lr)
+      monitor.log(i, loss=loss, train_accuracy=train_accuracy, lr=lr)
       if not args.progress:
-        log(f'step {i:>6}  loss {loss:.4f}  lr {lr:.4g}  {1e3 * per_step:.1f} ms/step')
+        log(f'step {i:>6}  loss {loss:.4f}  train accuracy {train_accuracy:.4f}  lr {lr:.4g}'
+            f'  {1e3 * per_step:.1f} ms/step')
       if not math.isfinite(loss):
         log('loss is not finite: stopping')
         break

@@ -20,8 +20,8 @@ Run:
     srun --ntasks 4 python examples/cifar10.py --distributed       # SLURM
 
 With `--distributed`, `jax.distributed.initialize()` finds the coordinator itself; every process
-loads its own slice of the global batch. `--data tfds` needs `pip install tensorflow
-tensorflow-datasets`; its preprocessing is per-channel standardization and random flips.
+loads its own slice of the global batch. `--data tfds` needs `pip install -e ".[tfds]"`
+(TensorFlow Datasets); its preprocessing is per-channel standardization and random flips.
 
 Defaults (untuned starting points, no accuracy claimed): kfax's own K-FAC settings
 (`kfax.kfac(table)`: factored damping 1e-4, norm constraint 1e-3, EMA 0.95, refresh every 10

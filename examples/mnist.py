@@ -17,8 +17,8 @@ Run:
     srun --ntasks 4 python examples/mnist.py --distributed         # SLURM
 
 With `--distributed`, `jax.distributed.initialize()` finds the coordinator itself; every process
-loads its own slice of the global batch. `--data tfds` needs `pip install tensorflow
-tensorflow-datasets`.
+loads its own slice of the global batch. `--data tfds` needs `pip install -e ".[tfds]"`
+(TensorFlow Datasets).
 
 Defaults: kfax's own (`kfax.kfac(table)`: factored damping 1e-4, norm constraint 1e-3, EMA 0.95,
 refresh every 10 updates) with statistics every 5 steps, MC Fisher, SGD lr 0.1 and momentum 0.9:

@@ -30,8 +30,8 @@ Run:
     srun --ntasks 32 python examples/resnet_imagenet.py --distributed --acc_iters 4
 
 With `--distributed`, `jax.distributed.initialize()` finds the coordinator itself; every process
-loads its own slice of the global batch. `--data tfds` needs `pip install tensorflow
-tensorflow-datasets` and ImageNet prepared for tfds (a manual download); its preprocessing is
+loads its own slice of the global batch. `--data tfds` needs `pip install -e ".[tfds]"`
+(TensorFlow Datasets) and ImageNet prepared for tfds (a manual download); its preprocessing is
 only a resize to `--image_size`, random flips and per-channel standardization.
 
 `examples/configs/imagenet_bs{4k,8k,16k,32k,64k,128k}.toml` are the seed's six ImageNet

@@ -4,8 +4,8 @@ steps; 1 device, 8 devices and 8 devices with 2 micro-batches must agree on the 
 an interrupted and resumed MNIST run must end with the parameters of an uninterrupted one; the
 ImageNet example runs chainerkfac's recipe (ResNet-50-D from a config: mixup, random erasing,
 weight-norm capping, the poly schedule) and writes its CSV and plots; CIFAR-10 trains from a
-generated JPEG image list; the digits example with `--api nnx` (Flax NNX models) must train
-with K-FAC."""
+generated JPEG image list; MNIST reads `tfds.testing.mock_data` through its tf.data code; the
+digits example with `--api nnx` (Flax NNX models) must train with K-FAC."""
 
 import concurrent.futures
 import json
@@ -52,11 +52,22 @@ RUNS = {  # the longest first
                           '3', '--eval_every', '2', '--log_every', '1', '--stats_every', '1',
                           '--loader_workers', '2', '--log_dir', '{out}/cifar10-imagelist-logs'],
 }
+# `python -c MOCK_TFDS.format(n) script.py flags`: the script with every tfds split replaced by n
+# random examples of the dataset's shapes.
+MOCK_TFDS = '''
+import os, runpy, sys
+import tensorflow_datasets as tfds
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+with tfds.testing.mock_data(num_examples={}):
+  runpy.run_path(sys.argv[0], run_name='__main__')
+'''
 # Not in RUNS (its test runs it alone): the NNX CNN, 30 steps of K-FAC, SGD and Adam, seed 0.
 DIGITS_NNX = ['digits.py', '--api', 'nnx', '--models', 'cnn', '--steps', '30']
 
 
-def _run(name: str, out: Path, argv: list[str] | None = None, suffix: str = '') -> dict:
+def _run(name: str, out: Path, argv: list[str] | None = None, suffix: str = '',
+         mock_tfds: int = 0) -> dict:
   script, *flags = [flag.replace('{out}', str(out)) for flag in argv or RUNS[name]]
   xla_flags = '--xla_force_host_platform_device_count=8'
   if name == 'imagenet':  # ResNet-50: a third less compile time on CPU, small inputs anyway
@@ -65,9 +76,11 @@ def _run(name: str, out: Path, argv: list[str] | None = None, suffix: str = '') 
          'JAX_PLATFORMS': 'cpu',
          'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))}
   path = out / f'{name}{suffix}.json'
-  proc = subprocess.run([sys.executable, '-W', 'error', str(ROOT / 'examples' / script), *flags,
-                         '--json', str(path)], env=env, capture_output=True, text=True, check=False,
-                        timeout=600)
+  command = [str(ROOT / 'examples' / script), *flags, '--json', str(path)]
+  if mock_tfds:  # the script as __main__ inside tfds.testing.mock_data
+    command = ['-c', MOCK_TFDS.format(mock_tfds), *command]
+  proc = subprocess.run([sys.executable, '-W', 'error', *command], env=env, capture_output=True,
+                        text=True, check=False, timeout=600)
   assert proc.returncode == 0, f'{name}:\n{proc.stdout}\n{proc.stderr}'
   return json.loads(path.read_text())
 
@@ -124,8 +137,9 @@ def test_example_runs_and_trains(results, name):
 
 def test_imagenet_example_runs_the_seed_recipe_and_writes_metrics_and_plots(results):
   """The bs4k config's recipe reached training: ResNet-50-D, running mixup, random erasing and
-  weight-norm capping on, the poly schedule (constant before its first epoch); the metrics CSV,
-  TensorBoard events and one PNG per metric are written."""
+  weight-norm capping on, the poly schedule (constant before its first epoch); the metrics CSV
+  (with the training accuracy against unmixed labels), TensorBoard events and one PNG per metric
+  are written."""
   sys.path.insert(0, str(ROOT / 'examples'))
   import _monitor
 
@@ -139,7 +153,9 @@ def test_imagenet_example_runs_the_seed_recipe_and_writes_metrics_and_plots(resu
   assert [step for step, _ in metrics['loss']] == [0, 4, 8, 11]
   assert all(lr == pytest.approx(8.18e-3) for _, lr in metrics['lr'])
   assert metrics['test_accuracy'] == [(12, pytest.approx(result['final_accuracy']))]
-  for name in ('loss', 'lr', 'test_accuracy'):
+  assert [step for step, _ in metrics['train_accuracy']] == [0, 4, 8, 11]
+  assert all(0 <= accuracy <= 1 for _, accuracy in metrics['train_accuracy'])
+  for name in ('loss', 'train_accuracy', 'lr', 'test_accuracy'):
     assert (logs / f'{name}.png').stat().st_size > 1000
   assert list(logs.glob('events.out.tfevents.*'))
 
@@ -189,6 +205,22 @@ def test_one_device_eight_devices_and_micro_batches_agree(results):
   assert len(losses['mnist']) == 6  # steps 0, 4, ..., 16, 19
   for name in others:
     np.testing.assert_allclose(losses[name], losses['mnist'], rtol=2e-4, err_msg=name)
+
+
+def test_mnist_example_reads_tfds_mock_data(tmp_path):
+  """`--data tfds` through the real tf.data input code, on `tfds.testing.mock_data` (200 random
+  images of MNIST's shapes in each split), on 8 devices: the steps per epoch come from the
+  split's size (ceil(200 / 64) = 4 updates), each device gets its share, and the evaluation
+  covers the test split padded to whole batches."""
+  result = _run('mnist-tfds', tmp_path, ['mnist.py', '--data', 'tfds', '--num_devices', '8',
+                                         '--width', '4', '--batch_size', '64', '--epochs', '1',
+                                         '--log_every', '1', '--stats_every', '1'],
+                mock_tfds=200)
+  assert result['steps'] == 4 and result['devices'] == 8
+  assert [e['step'] for e in result['losses']] == [0, 1, 2, 3]
+  assert all(math.isfinite(e['loss']) and 0 <= e['train_accuracy'] <= 1
+             for e in result['losses'])
+  assert (result['final_accuracy'] * 200) == pytest.approx(round(result['final_accuracy'] * 200))
 
 
 def test_digits_example_trains_nnx_models_with_kfac(tmp_path):

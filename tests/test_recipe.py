@@ -444,3 +444,25 @@ def test_recipe_step_under_shard_map_with_a_sharded_batch():
                want)
   kernel = np.asarray(new_params['Dense_0']['kernel'], np.float64)
   assert np.linalg.norm(kernel) == pytest.approx(np.sqrt(8.0), rel=1e-5)  # capped (~28 before)
+
+
+def test_training_accuracy_is_against_the_unmixed_labels():
+  """The examples' loss (`_common.make_loss`) is the cross-entropy against the mixed targets,
+  and its accuracy compares the logits with the unmixed integer labels, as the seed reports it."""
+  import _common
+
+  class Linear(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      del train
+      return nn.Dense(3)(x)
+
+  x = 10 * jnp.eye(3)  # logits 10 * kernel: argmax 0, 1, 2
+  params = {'Dense_0': {'kernel': jnp.eye(3), 'bias': jnp.zeros(3)}}
+  labels = jnp.array([0, 1, 0])
+  targets = jax.nn.one_hot(jnp.array([2, 2, 2]), 3) * 0.7 + 0.1  # mixed towards class 2
+  loss, (batch_stats, accuracy) = _common.make_loss(Linear())(params, x, targets, labels,
+                                                              batch_stats={})
+  assert accuracy == pytest.approx(2 / 3) and batch_stats == {}
+  want = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(10 * jnp.eye(3)), -1))
+  assert loss == pytest.approx(want, rel=1e-6)
