@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -20,6 +21,7 @@ from kfax._table import Entry, LayerTable
 
 DAMPING_MODES = ('eigen', 'factored')
 GATHERS = ('decompositions', 'gradients')
+REFRESHES = ('together', 'staggered')
 _MISSING = object()
 
 
@@ -73,6 +75,7 @@ class _Config(NamedTuple):
   comm_dtype: Any
   sharded: bool
   mesh: Any
+  staggered: bool
 
   @property
   def kronecker(self) -> dict[str, Entry]:
@@ -144,9 +147,32 @@ def _absorb(config: _Config, state: KfacState, stats: Stats, decay: jax.Array,
                         skipped_stats=state.skipped_stats + any_bad.astype(jnp.int32))
 
 
+def refresh_phases(entries: dict[str, Entry], inverse_every: int) -> list[list[str]]:
+  """`refresh="staggered"`: the Kronecker entries split into `inverse_every` phases of about
+  equal decomposition cost (n³ per non-diagonal factor, times its blocks; greedy longest
+  processing time first). Phase p refreshes on updates with `count % inverse_every == p`."""
+  cost = lambda e: sum(math.prod(e.blocks) * float(n) ** 3
+                       for n, diagonal in zip(e.dims, e.diag) if not diagonal)
+  return _distributed.assign({k: cost(e) for k, e in entries.items()}, inverse_every)
+
+
+def _phases(config: _Config, inverse_every: Any) -> list[tuple[int, list[str]]]:
+  """`(phase, keys)` of the refresh: every key at phase 0, or `refresh_phases`."""
+  if not config.staggered:
+    return [(0, list(config.kronecker))]
+  if not isinstance(inverse_every, numbers.Integral):
+    raise TypeError(
+        "kfax.kfac(refresh='staggered') splits the refresh over `inverse_every` updates, which"
+        ' must then be a Python int, not a traced value; with optax.inject_hyperparams pass'
+        " static_args=('inverse_every',).")
+  phases = refresh_phases(config.kronecker, int(inverse_every))
+  return [(p, keys) for p, keys in enumerate(phases) if keys]
+
+
 def _refresh(config: _Config, state: KfacState, damping: jax.Array,
-             layout: _sharded.Layout | None) -> KfacState:
-  """New decompositions of every Kronecker entry; one that is non-finite keeps its last good one."""
+             layout: _sharded.Layout | None, keys: list[str] | None = None) -> KfacState:
+  """New decompositions of the Kronecker entries `keys` (default all); one that is non-finite
+  keeps its last good one."""
   if layout is not None:
     shard, failed = _sharded.refresh(state.shard, damping, config.kronecker, layout,
                                      config.axis_name, config.eigen)
@@ -159,10 +185,11 @@ def _refresh(config: _Config, state: KfacState, damping: jax.Array,
       inner = split
       split = lambda fn, work: jax.shard_map(functools.partial(inner, fn), mesh=config.mesh,
                                              in_specs=P(), out_specs=P())(work)
-  factors = {k: state.factors[k] for k in config.kronecker}
-  new, ok = _curvature.refresh(config.kronecker, factors, damping, config.eigen, split)
-  decompositions, failed = {}, jnp.zeros((), bool)
-  for key in config.kronecker:
+  entries = {k: e for k, e in config.kronecker.items() if keys is None or k in keys}
+  factors = {k: state.factors[k] for k in entries}
+  new, ok = _curvature.refresh(entries, factors, damping, config.eigen, split)
+  decompositions, failed = dict(state.decompositions), jnp.zeros((), bool)
+  for key in entries:
     old = state.decompositions[key]
     decompositions[key] = {n: jnp.where(ok[key], v, old[n]) for n, v in new[key].items()}
     failed = failed | ~ok[key]
@@ -209,10 +236,10 @@ def _update(config: _Config, hyper: dict, updates: Any, state: KfacState,
       state = _absorb(config, state, stats, _at(hyper['ema_decay'], state.count), layout)
       for k in config.kronecker:
         first = first | ((before[k] == 0) & (state.stats_count[k] > 0))
-  if config.kronecker:
-    with jax.named_scope('kfax/refresh'):
-      due = (state.count % hyper['inverse_every'] == 0) | first
-      state = jax.lax.cond(due, functools.partial(_refresh, config, layout=layout),
+  with jax.named_scope('kfax/refresh'):
+    for phase, keys in _phases(config, hyper['inverse_every']) if config.kronecker else ():
+      due = (state.count % hyper['inverse_every'] == phase) | first
+      state = jax.lax.cond(due, functools.partial(_refresh, config, layout=layout, keys=keys),
                            lambda s, _: s, state, damping)
   leaves, treedef = jax.tree.flatten(updates)
   values = dict(zip(config.table.shapes, leaves))
@@ -241,6 +268,7 @@ def kfac(
     comm_dtype: str = 'float32',
     gather: str = 'decompositions',
     mesh: jax.sharding.Mesh | None = None,
+    refresh: str = 'together',
 ) -> optax.GradientTransformationExtraArgs:
   """Precondition gradients with the damped Kronecker-factored Fisher (K-FAC).
 
@@ -294,6 +322,14 @@ def kfac(
     mesh: under plain `jit` with a batch sharded over `mesh`'s axis `axis_name`, splits each
       refresh across that axis (an inner `shard_map`); XLA already computes global statistics.
       None inside `pmap` / `shard_map`.
+    refresh: `"together"` refreshes every Kronecker entry on the same update, every
+      `inverse_every` updates. `"staggered"` spreads that work over the `inverse_every` updates
+      of the period: the entries are split into `inverse_every` phases of about equal
+      decomposition cost, and phase p refreshes when `count % inverse_every == p`. Each
+      entry still refreshes once a period (and all on the first statistics), so the amortized
+      cost is unchanged, but no step pays for every decomposition: the slowest step of a
+      period, which all devices wait for, is about `1/inverse_every` of the refresh. Needs a
+      Python int `inverse_every`; not with `gather="gradients"`.
 
   The defaults are those with which a first, untuned try converged fastest on the digits MLP and
   CNN (`examples/digits.py`; SGD momentum 0.9, lr 0.1, statistics every 5 steps): 52 and 40 steps
@@ -347,6 +383,12 @@ def kfac(
         f'kfax.kfac: `comm_dtype` must be float32, bfloat16 or float16, got {comm_dtype}.')
   if gather not in GATHERS:
     raise ValueError(f'kfax.kfac: `gather` must be one of {GATHERS}, got {gather!r}.')
+  if refresh not in REFRESHES:
+    raise ValueError(f'kfax.kfac: `refresh` must be one of {REFRESHES}, got {refresh!r}.')
+  if refresh == 'staggered' and gather == 'gradients':
+    raise ValueError(
+        "kfax.kfac: refresh='staggered' is not available with gather='gradients', whose devices"
+        ' each refresh their own share of the layers every period; use the default gather.')
   sharded = gather == 'gradients'
   if (sharded or mesh is not None) and axis_name is None:
     raise ValueError(
@@ -359,7 +401,8 @@ def kfac(
     raise ValueError(
         "kfax.kfac: gather='gradients' runs inside pmap / shard_map, not under plain jit with"
         ' `mesh`; wrap the step in jax.shard_map, or use the default gather.')
-  config = _Config(layers, damping_mode == 'eigen', axis_name, comm_dtype, sharded, mesh)
+  config = _Config(layers, damping_mode == 'eigen', axis_name, comm_dtype, sharded, mesh,
+                   refresh == 'staggered')
   hyper = dict(damping=damping, ema_decay=ema_decay, inverse_every=inverse_every,
                norm_constraint=norm_constraint)
 

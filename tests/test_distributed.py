@@ -93,23 +93,27 @@ def _local(params, x, y, with_stats):
 
 
 @functools.lru_cache(maxsize=None)
-def _reference(damping_mode='factored'):
+def _reference(damping_mode='factored', refresh='together'):
   params, xs, ys = _data()
-  tx = _tx(damping_mode=damping_mode)
+  tx = _tx(damping_mode=damping_mode, refresh=refresh)
   step = jax.jit(functools.partial(_step, tx, _local), static_argnums=4)
   return _train(step, params, xs, ys, tx.init(params))
 
 
-def _assert_same(params, damping_mode='factored'):
+def _assert_same(params, damping_mode='factored', refresh='together'):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
-                                                       atol=2e-5), params, _reference(damping_mode))
+                                                       atol=2e-5),
+               params, _reference(damping_mode, refresh))
 
 
-@pytest.mark.parametrize('gather,damping_mode', [
-    ('decompositions', 'factored'), ('gradients', 'factored'), ('gradients', 'eigen')])
-def test_pmap_matches_one_device(gather, damping_mode):
-  tx = _tx('batch', comm_dtype='float32', gather=gather, damping_mode=damping_mode)
-  _assert_same(_train_pmap(tx, _local), damping_mode)
+@pytest.mark.parametrize('gather,damping_mode,refresh', [
+    ('decompositions', 'factored', 'together'), ('gradients', 'factored', 'together'),
+    ('gradients', 'eigen', 'together'), ('decompositions', 'eigen', 'staggered')])
+def test_pmap_matches_one_device(gather, damping_mode, refresh):
+  """Also `refresh="staggered"`: each phase's share of the layers split over the devices."""
+  tx = _tx('batch', comm_dtype='float32', gather=gather, damping_mode=damping_mode,
+           refresh=refresh)
+  _assert_same(_train_pmap(tx, _local), damping_mode, refresh)
 
 
 def _train_pmap(tx, local):

@@ -192,6 +192,9 @@ def test_checkpoint_round_trip_gives_bit_identical_updates(tmp_path):
     (dict(norm_constraint=-1.0), r'`norm_constraint` must be > 0, or None'),
     (dict(damping_mode='tikhonov'), r"`damping_mode` must be one of \('eigen', 'factored'\),"
                                     r" got 'tikhonov'"),
+    (dict(refresh='lazy'), r"`refresh` must be one of \('together', 'staggered'\), got 'lazy'"),
+    (dict(refresh='staggered', gather='gradients', axis_name='i'),
+     r"refresh='staggered' is not available with gather='gradients'"),
 ])
 def test_bad_configuration_raises_at_construction(kwargs, match):
   table = _problem()[-1]
@@ -273,3 +276,86 @@ def test_state_can_be_donated():
   step = jax.jit(lambda s: tx.update(grads, s, params, stats=stats)[1], donate_argnums=0)
   state = step(step(tx.init(params)))
   assert int(state[0].count) == 2
+
+
+class Deep(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for width in (16, 12, 8, 6):
+      x = nn.tanh(nn.Dense(width)(x))
+    return nn.Dense(3)(x)
+
+
+def _inverse_reference(a, g, damping):
+  """(A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹ in float64 numpy, π from the mean traces."""
+  a, g = np.asarray(a, np.float64), np.asarray(g, np.float64)
+  pi = np.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
+  root = np.sqrt(damping)
+  return (np.linalg.inv(a + pi * root * np.eye(len(a))),
+          np.linalg.inv(g + root / pi * np.eye(len(g))))
+
+
+def test_staggered_refresh_spreads_each_period_over_its_updates():
+  """`refresh="staggered"`, 5 Kronecker layers over 3 phases: all refresh on the first
+  statistics; after that each entry refreshes exactly once per period, on the updates of its
+  own phase, from the factors it has then (against float64 numpy inverses), and the phases
+  split the decomposition cost about evenly. The default refreshes every entry together."""
+  from kfax import _transform
+
+  model, period, damping = Deep(), 3, 1e-2
+  x = jax.random.normal(jax.random.key(0), (32, 10))
+  y = jnp.arange(32) % 3
+  params = model.init(jax.random.key(1), x)['params']
+  loss_fn = lambda p: kfax.softmax_cross_entropy(model.apply({'params': p}, x), y)
+  grad_fn = kfax.value_grad_and_stats(loss_fn)
+  table = grad_fn.layers(params)
+  phases = _transform.refresh_phases(table.of('kronecker'), period)
+  assert sorted(k for keys in phases for k in keys) == sorted(table.of('kronecker'))
+  assert all(phases)  # 5 layers over 3 phases: none empty
+  phase_of = {k: p for p, keys in enumerate(phases) for k in keys}
+  dims = {k: e.dims for k, e in table.of('kronecker').items()}
+  cost = [sum(n ** 3 for k in keys for n in dims[k]) for keys in phases]
+  assert max(cost) < 0.5 * sum(cost)  # the largest layer alone is 0.41 of the total
+
+  for refresh in ('staggered', 'together'):
+    tx = kfax.kfac(table, damping=damping, ema_decay=0.5, inverse_every=period,
+                   refresh=refresh)
+
+    @jax.jit
+    def step(p, s, key):
+      _, grads, stats = grad_fn(p, rng=key)
+      return tx.update(grads, s, p, stats=stats)[1]
+
+    state, refreshed = tx.init(params), {k: [] for k in table.of('kronecker')}
+    before = None
+    for count in range(2 * period + 1):
+      after = step(params, state, jax.random.key(count))
+      for key, d in after.decompositions.items():
+        changed = before is None or not np.array_equal(d['a_inverse'],
+                                                       before.decompositions[key]['a_inverse'])
+        if changed:
+          refreshed[key].append(count)
+          a_inv, g_inv = _inverse_reference(after.factors[key]['a_factor'],
+                                            after.factors[key]['g_factor'], damping)
+          np.testing.assert_allclose(d['a_inverse'], a_inv, rtol=2e-3, atol=1e-4)
+          np.testing.assert_allclose(d['g_inverse'], g_inv, rtol=2e-3, atol=1e-4)
+      state, before = after, after
+    for key, counts in refreshed.items():
+      if refresh == 'together':
+        assert counts == [0, 3, 6], (key, counts)
+      else:
+        p = phase_of[key]
+        assert counts == sorted({0} | {c for c in range(1, 2 * period + 1) if c % period == p})
+
+
+def test_staggered_refresh_needs_a_static_period():
+  params, loss_fn, x, y, table = _problem()
+  tx = optax.inject_hyperparams(kfax.kfac)(table, inverse_every=2, refresh='staggered')
+  state = tx.init(params)
+  _, grads, stats = _stats(loss_fn, params, x, y)
+  with pytest.raises(TypeError, match=r"static_args=\('inverse_every',\)"):
+    tx.update(grads, state, params, stats=stats)
+  tx = optax.inject_hyperparams(kfax.kfac, static_args=('inverse_every',))(
+      table, inverse_every=2, refresh='staggered')
+  updates, _ = jax.jit(lambda s: tx.update(grads, s, params, stats=stats))(tx.init(params))
+  assert jax.tree.structure(updates) == jax.tree.structure(grads)
