@@ -196,6 +196,9 @@ def parse_args(task: Task, doc: str, argv: list[str] | None = None) -> argparse.
   add('--gather', choices=('decompositions', 'gradients'), default='decompositions',
       help='K-FAC across devices: replicate the decompositions (least communication) or keep'
            ' each layer on one device and gather preconditioned gradients (least memory)')
+  add('--refresh', choices=('together', 'staggered'), default='together',
+      help='K-FAC refreshes: all factors every --inverse_every updates, or a cost-balanced share'
+           ' of them on each update of the period (no step pays for every decomposition)')
   add('--mixup_alpha', type=float, default=0.0, metavar='ALPHA',
       help="chainerkfac's mixup: each training image and its one-hot label are mixed with the"
            ' previous batch\'s (the first batch is not mixed), with weight max(l, 1 - l) on its'
@@ -529,7 +532,7 @@ def make_optimizer(args: argparse.Namespace, schedule: optax.Schedule,
   kfac = kfax.kfac(table, damping=args.damping, ema_decay=args.ema_decay,
                    inverse_every=args.inverse_every, damping_mode=args.damping_mode,
                    norm_constraint=args.norm_constraint or None, axis_name=AXIS,
-                   comm_dtype=args.comm_dtype, gather=args.gather)
+                   comm_dtype=args.comm_dtype, gather=args.gather, refresh=args.refresh)
   return optax.chain(kfac, *decay, sgd, *cap)
 
 
