@@ -24,12 +24,21 @@ Run (CPU is fine, well under two minutes):
     python examples/digits.py
     python examples/digits.py --api nnx
     python examples/digits.py --models mlp --damping_mode eigen --damping 1e-3 --json out.json
+    python examples/digits.py --checkpoint_dir /tmp/digits --stop_at 200  # as if interrupted
+    python examples/digits.py --checkpoint_dir /tmp/digits --resume
 
 Needs scikit-learn (`pip install -e .[examples]`); the data set ships with it, no download.
 A progress bar per run (`--no-progress` hides it) and, with `--log_dir DIR`, per run
 `DIR/<model>-<optimizer>/metrics.csv`, TensorBoard events and PNG plots of the loss and test
-accuracy at each evaluation (`examples/_monitor.py`: tqdm, tensorboardX, matplotlib). No
-checkpoints: each run takes seconds.
+accuracy at each evaluation (`examples/_monitor.py`: tqdm, tensorboardX, matplotlib).
+
+Checkpoints (`examples/_monitor.py`'s `Checkpoints`, orbax): with `--checkpoint_dir DIR` each run
+saves its train state and its evaluations so far in `DIR/<model>-<optimizer>/` every
+`--checkpoint_every` steps, at its end and at `--stop_at` (both multiples of `--eval_every`, so
+that a checkpoint ends an evaluation chunk); `--resume` continues each run from its latest
+checkpoint (a finished run is not retrained). The batches and K-FAC's sampling keys are functions
+of the seed and the step, so an interrupted and resumed run ends with exactly the parameters,
+test accuracies and steps to the target of an uninterrupted one; saving is not timed.
 
 On CPU, JAX runs Cholesky and eigendecompositions through SciPy's OpenBLAS, whose threads
 oversubscribe the cores beside XLA's own thread pool: on a busy 2-core machine a refresh then
@@ -43,6 +52,7 @@ import os
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')  # before numpy or jax load OpenBLAS
 
 import argparse
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -78,6 +88,8 @@ KFAC_DEFAULTS = dict(
     fisher='mc',
 )
 BATCH_SIZE = 128
+OPTIMIZERS = ('kfac', 'sgd', 'adam')  # each model's runs, in order
+CHECKPOINT_EVERY = 100
 SGD_LEARNING_RATE = 0.3  # best of {0.03, 0.1, 0.3}
 ADAM_LEARNING_RATE = 1e-2  # best of {1e-3, 3e-3, 1e-2, 3e-2}
 
@@ -287,6 +299,53 @@ def batch_indices(n: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
   return np.concatenate(order).reshape(-1, batch_size)[:steps]
 
 
+# One evaluation: (step, test accuracy, training seconds so far, the last step's loss).
+Eval = tuple[int, float, float, float]
+
+
+def pack(carry: tuple[Any, ...], evals: list[Eval], slots: int) -> dict:
+  """A run's checkpointed state: its `carry` and its evaluations so far.
+
+  `Checkpoints` saves one pytree of arrays and restores them into fixed shapes, so the
+  evaluations are a float64 array (exact for the float32 accuracies and losses and the int steps)
+  of `slots` rows, the run's number of evaluations, NaN after the last (more rows if a resumed run
+  has more evaluations, under a smaller `--eval_every`)."""
+  table = np.full((max(slots, len(evals)), 4), np.nan)
+  table[:len(evals)] = np.reshape(evals, (-1, 4))
+  return {'carry': tuple(carry), 'evals': table}
+
+
+def unpack(state: dict) -> tuple[tuple[Any, ...], list[Eval]]:
+  """`pack`'s inverse: the carry and the evaluations."""
+  table = state['evals'][~np.isnan(state['evals'][:, 0])]
+  return tuple(state['carry']), [(int(s), float(a), float(t), float(l)) for s, a, t, l in table]
+
+
+def summarize(evals: list[Eval], target: float) -> dict:
+  """`train`'s results from its evaluations (see `train`): computed, not carried, so that a
+  resumed run reports what an uninterrupted one does."""
+  reached = next((e for e in evals if e[1] >= target and np.isfinite(e[3])), None)
+  step, acc, _, loss = evals[-1]
+  return {
+      'steps_to_target': None if reached is None else reached[0],
+      'seconds_to_target': None if reached is None else reached[2],
+      'final_accuracy': acc,
+      'diverged': not np.isfinite(loss),
+      'steps': step,
+      'history': [(s, a) for s, a, _, _ in evals],
+  }
+
+
+def state_digest(carry: tuple[Any, ...]) -> str:
+  """A SHA-256 of the train state's bytes (parameters and optimizer state), to compare runs
+  exactly (an interrupted and resumed run with an uninterrupted one). `_common.params_digest`
+  is its multi-device twin, not imported: benchmarks load this file on its own."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(carry):
+    digest.update(np.asarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
 def train(
     model: Model,
     tx: optax.GradientTransformation,
@@ -301,6 +360,9 @@ def train(
     batch_size: int = BATCH_SIZE,
     stop_at_target: bool = False,
     monitor: Any = None,
+    checkpoints: Any = None,
+    checkpoint_every: int = CHECKPOINT_EVERY,
+    stop_at: int | None = None,
 ) -> dict:
   """Trains `model` (linen, or an NNX model class: see `init`) with `tx` for `steps` minibatch
   steps, evaluating every `eval_every`.
@@ -309,15 +371,31 @@ def train(
   included) computes curvature statistics, the rest pass `stats=None`. Training stops early
   when the loss is no longer finite, or at the target with `stop_at_target`. Returns
   `steps_to_target` and `seconds_to_target` (None if the target test accuracy was never
-  reached), `final_accuracy`, `diverged`, `steps` run and the accuracy `history` as
-  (step, accuracy) pairs. `monitor`: an `examples/_monitor.py` `Monitor` (progress bar, CSV,
-  TensorBoard) that receives each evaluation's loss and test accuracy; it is not closed here.
+  reached), `final_accuracy`, `diverged`, `steps` run, the accuracy `history` as (step,
+  accuracy) pairs, `start_step` (0, or the checkpoint's step) and `state_digest`. `monitor`: an
+  `examples/_monitor.py` `Monitor` (progress bar, CSV, TensorBoard) that receives each new
+  evaluation's loss and test accuracy; it is not closed here.
+
+  `checkpoints`: an `examples/_monitor.py` `Checkpoints`, or None. If it holds a checkpoint, the
+  run continues from the latest (returning at once if that run had finished); it saves every
+  `checkpoint_every` steps, at the end, and after the evaluation at or past `stop_at`, where the
+  run stops as if interrupted. Saves land on evaluations: `checkpoint_every` and `stop_at` should
+  be multiples of `eval_every`. Not closed here.
   """
   key = jax.random.key(seed)
   init_key, stats_key = jax.random.split(key)
   x_test, y_test = jnp.asarray(data['x_test']), jnp.asarray(data['y_test'])
   carry, (stats_step, plain_step, accuracy) = init(model, tx, init_key, x_test, fisher)
   plan = batch_indices(len(data['y_train']), max(steps, 2), batch_size, seed)
+  slots = -(-steps // eval_every)  # evaluations in a full run
+  evals: list[Eval] = []
+  if checkpoints is not None and checkpoints.latest() is not None:
+    carry, evals = unpack(checkpoints.restore(pack(carry, evals, slots))[1])
+
+  def finished(summary: dict) -> bool:
+    """Whether a run with these results (`summarize`) has ended; a checkpoint may say so."""
+    return (summary['steps'] >= steps or summary['diverged']
+            or (stop_at_target and summary['steps_to_target'] is not None))
 
   def step(i: int, carry: tuple[Any, ...]) -> tuple[Any, ...]:
     x, y = data['x_train'][plan[i]], data['y_train'][plan[i]]
@@ -325,39 +403,35 @@ def train(
       return stats_step(*carry, x, y, jax.random.fold_in(stats_key, i))
     return plain_step(*carry, x, y)
 
+  start = evals[-1][0] if evals else 0
+
+  def result() -> dict:
+    return {**summarize(evals, target), 'start_step': start, 'state_digest': state_digest(carry)}
+
+  if evals and finished(summarize(evals, target)):
+    return result()
+
   # Compile everything before the clock starts (the results are thrown away).
   jax.block_until_ready([step(0, carry), step(1, carry), accuracy(carry[0], x_test, y_test)])
 
-  history, elapsed, diverged = [], 0.0, False
-  steps_to_target = seconds_to_target = None
-  i = 0
-  while i < steps:
-    start, first = time.perf_counter(), i
+  i, elapsed = start, evals[-1][2] if evals else 0.0
+  while True:
+    begin, first = time.perf_counter(), i
     for _ in range(min(eval_every, steps - i)):
       *carry, loss = step(i, carry)
       i += 1
     jax.block_until_ready(carry)
-    elapsed += time.perf_counter() - start
-    acc = float(accuracy(carry[0], x_test, y_test))
-    history.append((i, acc))
-    diverged = not np.isfinite(float(loss))
+    elapsed += time.perf_counter() - begin  # the clock: training only, not evaluation or saving
+    evals.append((i, float(accuracy(carry[0], x_test, y_test)), elapsed, float(loss)))
     if monitor is not None:
       monitor.advance(i - first)
-      monitor.log(i, loss=float(loss), test_accuracy=acc)
-    if diverged:
-      break
-    if steps_to_target is None and acc >= target:
-      steps_to_target, seconds_to_target = i, elapsed
-      if stop_at_target:
-        break
-  return {
-      'steps_to_target': steps_to_target,
-      'seconds_to_target': seconds_to_target,
-      'final_accuracy': history[-1][1],
-      'diverged': diverged,
-      'steps': i,
-      'history': history,
-  }
+      monitor.log(i, loss=evals[-1][3], test_accuracy=evals[-1][1])
+    done = finished(summarize(evals, target))
+    stop = stop_at is not None and i >= stop_at
+    if checkpoints is not None and (done or stop or i % checkpoint_every == 0):
+      checkpoints.save(i, pack(carry, evals, slots), force=True)
+    if done or stop:
+      return result()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -389,19 +463,78 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       ' TensorBoard events and, at its end, a PNG plot per metric')
   p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True,
                  help='a progress bar per run (images/s, loss, ETA) on stderr')
+  p.add_argument('--checkpoint_dir', metavar='DIR',
+                 help='per run, DIR/<model>-<optimizer>/: orbax checkpoints of the train state'
+                      ' (parameters, optimizer state, the evaluations so far)')
+  p.add_argument('--checkpoint_every', type=int, default=CHECKPOINT_EVERY,
+                 help='steps between checkpoints (and one at the end); a multiple of'
+                      ' --eval_every')
+  p.add_argument('--resume', action='store_true',
+                 help='continue each run from its latest checkpoint in --checkpoint_dir, exactly'
+                      ' where it stopped (the same flags: the batches and K-FAC\'s sampling keys'
+                      ' are functions of the seed and the step); a run without one starts anew')
+  p.add_argument('--stop_at', type=int, metavar='STEP',
+                 help='stop each run after this update as if interrupted (saving a checkpoint);'
+                      ' to test --resume; a multiple of --eval_every')
   args = p.parse_args(argv)
   if args.steps < 1 or args.eval_every < 1:
     p.error('--steps and --eval_every must be >= 1')
+  check_checkpoint_args(args)
   return args
+
+
+def check_checkpoint_args(args: argparse.Namespace) -> None:
+  """`examples/_common.py`'s checks of the checkpoint flags, and one of digits' own: checkpoints
+  and stops land on evaluations, since a checkpoint holds the test accuracies so far."""
+  if args.resume and not args.checkpoint_dir:
+    raise SystemExit('--resume needs --checkpoint_dir (the checkpoints to resume from).')
+  if args.checkpoint_every < 1:
+    raise SystemExit(f'--checkpoint_every {args.checkpoint_every} must be >= 1.')
+  if args.stop_at is not None and args.stop_at < 1:
+    raise SystemExit(f'--stop_at {args.stop_at} must be >= 1.')
+  for name in ('checkpoint_every', 'stop_at') if args.checkpoint_dir else ('stop_at',):
+    value = getattr(args, name)
+    if value is not None and value % args.eval_every:
+      raise SystemExit(f'--{name} {value} must be a multiple of --eval_every {args.eval_every}'
+                       ' (a checkpoint ends an evaluation).')
+
+
+def open_checkpoints(args: argparse.Namespace, runs: list[str]) -> dict[str, Any]:
+  """Each run's `Checkpoints` (`examples/_monitor.py`) in `--checkpoint_dir`/<run>/, checked
+  against `--resume` and `--steps` before any run trains."""
+  from _monitor import Checkpoints  # orbax
+
+  found = {run: Checkpoints(os.path.join(args.checkpoint_dir, run), args.checkpoint_every)
+           for run in runs}
+  latest = {run: c.latest() for run, c in found.items() if c.latest() is not None}
+  try:
+    if args.resume and not latest:
+      raise SystemExit(f'--resume: no checkpoint in --checkpoint_dir {args.checkpoint_dir}.')
+    if not args.resume and latest:
+      run, step = next(iter(latest.items()))
+      raise SystemExit(f'--checkpoint_dir {args.checkpoint_dir} has checkpoints ({run} up to'
+                       f' step {step}): add --resume, or use an empty folder.')
+    for run, step in latest.items():
+      if step > args.steps:
+        raise SystemExit(f'--resume: the checkpoint of {run} is at step {step}, past the'
+                         f' {args.steps} steps of this run.')
+  except SystemExit:
+    for c in found.values():
+      c.close()
+    raise
+  return found
 
 
 def run(args: argparse.Namespace) -> list[dict]:
   """Every requested model with K-FAC, SGD with momentum and Adam; one result row each."""
   data = load_data()
   first = data['x_train'][:BATCH_SIZE], data['y_train'][:BATCH_SIZE]  # the batches' shapes
+  names = [name.strip() for name in args.models.split(',')]
+  runs = [f'{name}-{opt}' for name in names for opt in OPTIMIZERS]
+  checkpoints = open_checkpoints(args, runs) if args.checkpoint_dir else {}
   rows = []
-  for name in args.models.split(','):
-    model = MODELS[name.strip()]() if args.api == 'linen' else NNX_MODELS[name.strip()]
+  for name in names:
+    model = MODELS[name]() if args.api == 'linen' else NNX_MODELS[name]
     optimizers = {
         'kfac': (args.kfac_lr, kfac_optimizer(
             layer_table(model, *first), args.kfac_lr, damping=args.damping,
@@ -410,19 +543,27 @@ def run(args: argparse.Namespace) -> list[dict]:
         'sgd': (args.sgd_lr, optax.sgd(args.sgd_lr, momentum=0.9)),
         'adam': (args.adam_lr, optax.adam(args.adam_lr)),
     }
-    for opt, (lr, tx) in optimizers.items():
+    for opt in OPTIMIZERS:
+      (lr, tx), saved = optimizers[opt], checkpoints.get(f'{name}-{opt}')
+      start = (saved.latest() if saved else None) or 0
+      if start:
+        print(f'{name}-{opt}: resuming from its checkpoint at step {start}')
       monitor = None
       if args.log_dir or args.progress:
         from _monitor import Monitor  # examples/_monitor.py: tqdm, tensorboardX, matplotlib
 
-        log_dir = os.path.join(args.log_dir, f'{name.strip()}-{opt}') if args.log_dir else None
-        monitor = Monitor(log_dir, args.steps, BATCH_SIZE, show=args.progress)
+        log_dir = os.path.join(args.log_dir, f'{name}-{opt}') if args.log_dir else None
+        monitor = Monitor(log_dir, args.steps, BATCH_SIZE, start, show=args.progress)
       result = train(model, tx, data, steps=args.steps, seed=args.seed, target=args.target,
                      eval_every=args.eval_every, fisher=args.fisher,
-                     stats_every=args.stats_every if opt == 'kfac' else None, monitor=monitor)
+                     stats_every=args.stats_every if opt == 'kfac' else None, monitor=monitor,
+                     checkpoints=saved, checkpoint_every=args.checkpoint_every,
+                     stop_at=args.stop_at)
       if monitor is not None:
         monitor.close()
-      rows.append({'model': name.strip(), 'optimizer': opt, 'learning_rate': lr, **result})
+      if saved is not None:
+        saved.close()
+      rows.append({'model': name, 'optimizer': opt, 'learning_rate': lr, **result})
   return rows
 
 
