@@ -5,7 +5,8 @@ an interrupted and resumed MNIST run must end with the parameters of an uninterr
 ImageNet example runs chainerkfac's recipe (ResNet-50-D from a config: mixup, random erasing,
 weight-norm capping, the poly schedule) and writes its CSV and plots; CIFAR-10 trains from a
 generated JPEG image list; MNIST reads `tfds.testing.mock_data` through its tf.data code; the
-digits example with `--api nnx` (Flax NNX models) must train with K-FAC."""
+digits example with `--api nnx` (Flax NNX models) must train with K-FAC, and an interrupted and
+resumed digits run (linen and NNX) must end as an uninterrupted one."""
 
 import concurrent.futures
 import json
