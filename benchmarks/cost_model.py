@@ -15,6 +15,15 @@ at T output positions (T = 1 for Dense), with A of size `d_in` (kernel rows + bi
 - refresh: eigen mode `9·n³` per factor (symmetric QR with eigenvectors, Golub & Van Loan);
   factored mode `(7/3)·n³` (Cholesky n³/3, two triangular solves against I, n³ each).
 
+Transformer layers: attention's query/key/value/out (`nn.DenseGeneral`) count as Dense layers
+over their contracted and output axes. `nn.Embed` is one Kronecker pair with a diagonal token
+side, as kfax keeps it: its lookup (a gather: no forward FLOPs, A statistics `N·T`, a scatter of
+ones) and its tied `attend` (`x Eᵀ`: forward `2·N·T·d·vocab`, statistics `2·N·T·d²` and a
+diagonal `2·N·T·vocab`) both add statistics, preconditioning and refresh are counted once. A
+diagonal side (the token side, or any side above kfax's `max_factor_dim`, 8192) drops its
+products from the preconditioning and its decomposition from the refresh. LayerNorm, BatchNorm
+(unit-wise 2x2 blocks) and the learned positions (diagonal) are negligible and not counted.
+
 The predicted kfax/SGD ratio for statistics every `s` and refresh every `i` steps is
 `(F_fb + F_precond + (F_mc + F_A + F_G)/s + F_refresh/i) / F_fb`: the limit if every stage ran at
 the forward+backward's FLOP rate. `step_time.py` prints it next to the measured ratio.
@@ -23,6 +32,8 @@ Run alone (no timing, a few seconds):
 
     python benchmarks/cost_model.py --models mlp,cnn,resnet18,resnet50 --stats_every 10 \\
         --inverse_every 100
+    python benchmarks/cost_model.py --models resnet50,transformer --size gpu \\
+        --dtype bfloat16   # gpu.sh's sizes; compiles the loss at that size, longer on a CPU
 """
 
 from __future__ import annotations
@@ -41,18 +52,22 @@ import models
 
 EIGH_CONSTANT = 9.0
 CHOLESKY_INVERSE_CONSTANT = 7.0 / 3.0
+MAX_FACTOR_DIM = 8192  # kfax.value_grad_and_stats' default: a larger side is kept diagonal
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerCost:
-  """FLOPs of one Dense/Conv call's K-FAC work (see the module docstring)."""
+  """FLOPs of one Dense/Conv/DenseGeneral/Embed call's K-FAC work (see the module docstring)."""
 
   name: str
   n: int  # examples
   t: int  # output positions per example
-  k: int  # kernel rows (patch size x input channels, or input features)
+  k: int  # kernel rows (patch size x input channels, or input features); 0 for a lookup
   d_in: int  # A's size: k (+1 with a bias)
   d_out: int  # G's size: output channels / features
+  diag_in: bool = False  # A kept diagonal (an Embed's token side, or d_in > MAX_FACTOR_DIM)
+  diag_out: bool = False  # G kept diagonal (d_out > MAX_FACTOR_DIM)
+  shared: bool = False  # a further call of a layer counted before: statistics only
 
   @property
   def forward(self) -> float:
@@ -60,37 +75,81 @@ class LayerCost:
 
   @property
   def a_stats(self) -> float:
-    return 2.0 * self.n * self.t * self.d_in**2
+    if not self.diag_in:
+      return 2.0 * self.n * self.t * self.d_in**2
+    return self.n * self.t * (2.0 * self.d_in if self.k else 1.0)  # a lookup scatters ones
 
   @property
   def g_stats(self) -> float:
-    return 2.0 * self.n * self.t * self.d_out**2
+    return 2.0 * self.n * self.t * (self.d_out if self.diag_out else self.d_out**2)
 
   def precondition(self, mode: str) -> float:
-    eigen = 4.0 * (self.d_in**2 * self.d_out + self.d_in * self.d_out**2)
-    return eigen if mode == 'eigen' else eigen / 2
+    if self.shared:
+      return 0.0
+    products = ((0 if self.diag_in else 2.0 * self.d_in**2 * self.d_out)
+                + (0 if self.diag_out else 2.0 * self.d_in * self.d_out**2))
+    return 2 * products if mode == 'eigen' else products
 
   def refresh(self, mode: str) -> float:
+    if self.shared:
+      return 0.0
     c = EIGH_CONSTANT if mode == 'eigen' else CHOLESKY_INVERSE_CONSTANT
-    return c * (self.d_in**3 + self.d_out**3)
+    return c * ((0 if self.diag_in else self.d_in**3) + (0 if self.diag_out else self.d_out**3))
+
+  def asdict(self) -> dict[str, Any]:
+    """The fields, without the flags that keep their defaults (so a Dense/Conv layer's dict has
+    the six size fields only)."""
+    out = dataclasses.asdict(self)
+    return {k: v for k, v in out.items()
+            if k not in ('diag_in', 'diag_out', 'shared') or v}
+
+
+def _kronecker(name: str, n: int, t: int, k: int, d_in: int, d_out: int,
+               seen: set[str], token_side: bool = False) -> LayerCost:
+  """A LayerCost whose sides above MAX_FACTOR_DIM are diagonal and whose later calls are shared."""
+  cost = LayerCost(name, n, t, k, d_in, d_out, diag_in=token_side or d_in > MAX_FACTOR_DIM,
+                   diag_out=d_out > MAX_FACTOR_DIM, shared=name in seen)
+  seen.add(name)
+  return cost
+
+
+def _call_cost(module: nn.Module, method: str, args: tuple, y: Any,
+               seen: set[str]) -> LayerCost | None:
+  """The LayerCost of one call of a Dense, Conv, DenseGeneral or Embed (None for others)."""
+  name = '/'.join(str(p) for p in module.path)
+  if method == '__call__' and isinstance(module, (nn.Dense, nn.Conv)):
+    kernel = module.variables['params']['kernel']
+    k = math.prod(kernel.shape[:-1])
+    if isinstance(module, nn.Conv):
+      n, t = y.shape[0], math.prod(y.shape[1:-1])
+    else:
+      n, t = math.prod(y.shape[:-1]), 1
+    return _kronecker(name, n, t, k, k + bool(module.use_bias), kernel.shape[-1], seen)
+  if method == '__call__' and isinstance(module, nn.DenseGeneral):
+    kernel = module.variables['params']['kernel']
+    d_out = math.prod(module.features) if isinstance(module.features, (tuple, list)) \
+        else module.features
+    k = kernel.size // d_out
+    return _kronecker(name, y.size // d_out, 1, k, k + bool(module.use_bias), d_out, seen)
+  if isinstance(module, nn.Embed) and method in ('__call__', 'attend'):
+    v, d = module.num_embeddings, module.features
+    n = args[0].size if method == '__call__' else y.size // v
+    k = 0 if method == '__call__' else v  # a lookup is a gather; attend is x (n, d) @ Eᵀ
+    return _kronecker(name, n, 1, k, v, d, seen, token_side=True)
+  return None
 
 
 def layer_costs(model: nn.Module, variables: dict, x: jax.Array) -> list[LayerCost]:
-  """Every Dense/Conv call of `model.apply(variables, x)` (shapes only, nothing is computed)."""
+  """Every Dense/Conv/DenseGeneral/Embed call of `model.apply(variables, x)` (shapes only,
+  nothing is computed)."""
   seen: list[LayerCost] = []
+  names: set[str] = set()
 
   def intercept(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
     y = next_fun(*args, **kwargs)
-    module = context.module
-    if context.method_name == '__call__' and isinstance(module, (nn.Dense, nn.Conv)):
-      kernel = module.variables['params']['kernel']
-      k = math.prod(kernel.shape[:-1])
-      if isinstance(module, nn.Conv):
-        n, t = y.shape[0], math.prod(y.shape[1:-1])
-      else:
-        n, t = math.prod(y.shape[:-1]), 1
-      name = '/'.join(str(p) for p in module.path)
-      seen.append(LayerCost(name, n, t, k, k + bool(module.use_bias), kernel.shape[-1]))
+    cost = _call_cost(context.module, context.method_name, args, y, names)
+    if cost is not None:
+      seen.append(cost)
     return y
 
   def apply(v, inputs):
@@ -120,7 +179,7 @@ def forward_backward_flops(model: nn.Module, variables: dict, x: jax.Array, y: j
   def loss(params):
     logits, _ = model.apply({**variables, 'params': params}, x, train=True,
                             mutable=['batch_stats'])
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1))
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], axis=-1))
 
   flops = xla_flops(jax.value_and_grad(loss), variables['params'])
   if flops is not None:
@@ -157,17 +216,26 @@ def stage_ratios(total: dict[str, float]) -> dict[str, float]:
   }
 
 
-def analyze(name: str, config: models.ModelConfig) -> dict[str, Any]:
-  """Per-layer and total FLOPs of model `name` at `config`, both damping modes."""
-  model, example = models.build(name, config)
-  params, batch_stats = models.init(model, example)
+def analyze(name: str, config: models.ModelConfig, dtype: str = 'float32',
+            fb_flops: float | None = None, fb_source: str = 'given') -> dict[str, Any]:
+  """Per-layer and total FLOPs of model `name` at `config` (computing in `dtype`), both damping
+  modes. `fb_flops`, if given, is the forward+backward's FLOP count (e.g. XLA's count of an
+  already compiled SGD step, `fb_source` says which), and saves compiling the loss's
+  `value_and_grad` here."""
+  model, example = models.build(name, config, dtype)
+  if fb_flops is None:
+    params, batch_stats = models.init(model, example)
+  else:  # shapes are enough for layer_costs: nothing to compile
+    params, batch_stats = jax.eval_shape(lambda: models.init(model, example))
   variables = {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
-  x = jnp.zeros((config.batch, *example), jnp.float32)
-  y = jnp.zeros((config.batch,), jnp.int32)
+  x, y = (jnp.zeros(s.shape, s.dtype) for s in models.batch_shapes(name, config))
   layers = layer_costs(model, variables, x)
-  fb, source = forward_backward_flops(model, variables, x, y, layers)
+  if fb_flops is not None:
+    fb, source = fb_flops, fb_source
+  else:
+    fb, source = forward_backward_flops(model, variables, x, y, layers)
   return {
-      'layers': [dataclasses.asdict(layer) for layer in layers],
+      'layers': [layer.asdict() for layer in layers],
       'forward_backward_source': source,
       'totals': {mode: totals(layers, fb, mode) for mode in ('eigen', 'factored')},
   }
@@ -195,26 +263,57 @@ def print_totals(name: str, analysis: dict[str, Any], stats_every: int, inverse_
 
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--models', default='mlp,cnn,resnet18,resnet50')
+  p.add_argument('--models', default='mlp,cnn,resnet18,resnet50',
+                 help=f'comma-separated, from {",".join(models.DEFAULTS)}')
+  p.add_argument('--size', default='cpu', choices=('cpu', 'gpu'),
+                 help='models.DEFAULTS (cpu) or models.GPU (gpu.sh\'s sizes)')
+  p.add_argument('--dtype', default='float32', choices=models.DTYPES, help='compute dtype')
   p.add_argument('--stats_every', type=int, default=10)
   p.add_argument('--inverse_every', type=int, default=100)
-  p.add_argument('--batch', type=int, help='override every model\'s batch size')
-  p.add_argument('--image_size', type=int, help='override every model\'s image size')
-  p.add_argument('--width', type=int, help='override every model\'s width')
-  p.add_argument('--layers', action='store_true', help='print the per-layer table')
+  add_size_flags(p)
+  p.add_argument('--layers', dest='print_layers', action='store_true',
+                 help='print the per-layer table')
   args = p.parse_args(argv)
   for name in args.models.split(','):
-    config = override(models.DEFAULTS[name], args)
-    analysis = analyze(name, config)
-    if args.layers:
+    config = override(base_config(name, args.size), args)
+    analysis = analyze(name, config, args.dtype)
+    if args.print_layers:
       print_layers(name, analysis['layers'])
     print_totals(name, analysis, args.stats_every, args.inverse_every)
 
 
+SIZE_FLAGS = {
+    'batch': "every model's batch size",
+    'image_size': "the image models' image size",
+    'width': "every model's width",
+    'classes': "every model's classes (the LM's vocabulary)",
+    'seq_len': "the LM's sequence length",
+    'depth': "the LM's number of blocks",
+    'heads': "the LM's attention heads",
+}
+
+
+def add_size_flags(p: argparse.ArgumentParser) -> None:
+  """--batch, --image_size, ...: each overrides the field of every model that has it."""
+  for flag, what in SIZE_FLAGS.items():
+    p.add_argument(f'--{flag}', type=int, help=f'override {what}')
+
+
+def base_config(name: str, size: str = 'cpu') -> models.ModelConfig:
+  """The model's CPU default or its gpu.sh size."""
+  sizes = models.GPU if size == 'gpu' else models.DEFAULTS
+  if name not in sizes:
+    raise ValueError(f'no {size} size for model {name!r}; {size} sizes: {sorted(sizes)}')
+  return sizes[name]
+
+
 def override(config: models.ModelConfig, args: argparse.Namespace) -> models.ModelConfig:
-  """`config` with the size flags that were given."""
-  changes = {k: getattr(args, k) for k in ('batch', 'image_size', 'width')
-             if getattr(args, k, None) is not None}
+  """`config` with the size flags that were given, on the fields the model has (not None)."""
+  changes = {}
+  for field in SIZE_FLAGS:
+    value = getattr(args, field, None)
+    if value is not None and getattr(config, field) is not None:
+      changes[field] = value
   return dataclasses.replace(config, **changes)
 
 

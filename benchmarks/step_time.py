@@ -1,11 +1,12 @@
 """Time per training step of SGD, Adam, kfax and (optionally) kfac-jax, plus state memory.
 
-For each model (an MLP, a small CNN, a CIFAR-shape ResNet-18 and an ImageNet-shape ResNet-50,
-see `models.py`) and each optimizer, the jitted step is compiled ahead of time (not timed), run a
-few warm-up steps, then timed step by step (`jax.block_until_ready` after each); the median is
-reported. SGD, Adam, kfax's parts and kfac-jax's plain step are timed in rounds, one step of each
-per round, so that a change of load on a shared machine hits them alike (kfac-jax's steps with
-curvature, seconds each on CPU, are timed after them).
+For each model (an MLP, a small CNN, a CIFAR-shape ResNet-18, an ImageNet-shape ResNet-50 and,
+with `--models transformer`, a causal transformer LM; see `models.py`) and each optimizer, the
+jitted step is compiled ahead of time (not timed), run a few warm-up steps, then timed step by
+step (`jax.block_until_ready` after each); the median is reported. SGD, Adam, kfax's parts and
+kfac-jax's plain step are timed in rounds, one step of each per round, so that a change of load
+on a shared machine hits them alike (kfac-jax's steps with curvature, seconds each on CPU, are
+timed after them).
 Batches are fixed random arrays, so data loading is not timed. Every method's step is
 the full training step: loss, gradients, optimizer update, `optax.apply_updates`, BatchNorm
 statistics, with the train state donated (as kfac-jax does; `--no_donate` turns it off).
@@ -28,9 +29,15 @@ are reported at the periods of the flags and at kfac-jax's matching setting (sta
 step, refresh every `--matched_inverse_every`). kfac-jax is skipped, with a message, when
 `import kfac_jax` fails; kfac-jax 0.0.8 needs jax <= 0.9.1 (see README.md).
 
-Also reported: optimizer state bytes (sum of the state leaves' nbytes), XLA's temporary buffer
-size of each compiled step, the peak device memory where the backend reports it (`n/a` on CPU),
-and the analytic cost model (`cost_model.py`): the predicted kfax/SGD ratio at equal FLOP rates.
+Also reported: optimizer state bytes (sum of the state leaves' nbytes) and the dtypes of kfax's
+state, XLA's temporary buffer size of each compiled step, the peak device memory where the
+backend reports it (`n/a` on CPU), and the analytic cost model (`cost_model.py`): the predicted
+kfax/SGD ratio at equal FLOP rates (if it fails for a model, the reason is printed and stored).
+
+`--dtype bfloat16` runs the models' compute in bfloat16 (parameters, gradients and kfax's
+curvature stay float32). `--size gpu` takes the sizes of `models.GPU` (ResNet-50 at batch 128,
+224x224, width 64; the lm1b-sized LM), for `gpu.sh`. `--compile_threads N` compiles the step
+functions after the first (SGD's) in N threads at once, to save wall time on a GPU host.
 
 Run (about 4 minutes on 2 CPU cores without kfac-jax, 20 with it: its conv statistics take
 seconds per step on CPU, so its steps with curvature are few, `--kfac_jax_steps`; results in
@@ -38,6 +45,8 @@ benchmarks/results/step_time.json):
 
     python benchmarks/step_time.py
     python benchmarks/step_time.py --models resnet18 --batch 64 --width 32 --steps 30
+    python benchmarks/step_time.py --models transformer --dtype bfloat16 --out /tmp/lm.json
+    bash benchmarks/gpu.sh            # ResNet-50 and the LM at GPU sizes, float32 and bfloat16
     /tmp/bench-venv/bin/python benchmarks/step_time.py   # with kfac-jax, on jax 0.9.1
 """
 
@@ -50,6 +59,7 @@ import os
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')  # before numpy or jax load OpenBLAS
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -61,6 +71,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -94,16 +105,16 @@ class Problem:
   params: Any
   batch_stats: Any
   x: jax.Array
-  y: jax.Array
+  y: jax.Array  # class labels (batch,), or the LM's next tokens (batch, seq_len)
+  dtype: str = 'float32'  # the model's compute dtype
 
 
-def make_problem(name: str, config: models.ModelConfig, seed: int = 0) -> Problem:
-  model, example = models.build(name, config)
+def make_problem(name: str, config: models.ModelConfig, seed: int = 0,
+                 dtype: str = 'float32') -> Problem:
+  model, example = models.build(name, config, dtype)
   params, batch_stats = models.init(model, example, seed)
-  kx, ky = jax.random.split(jax.random.key(seed + 1))
-  x = jax.random.normal(kx, (config.batch, *example), jnp.float32)
-  y = jax.random.randint(ky, (config.batch,), 0, config.classes)
-  return Problem(name, config, model, params, batch_stats, x, y)
+  x, y = models.random_batch(name, config, jax.random.key(seed + 1))
+  return Problem(name, config, model, params, batch_stats, x, y, dtype)
 
 
 def copy_tree(tree: Any) -> Any:
@@ -119,7 +130,9 @@ def copy_tree(tree: Any) -> Any:
 
 
 def make_loss(problem: Problem) -> Callable:
-  """loss(params, batch_stats, x, y) -> (mean loss, new batch_stats), via kfax's loss helper."""
+  """loss(params, batch_stats, x, y) -> (mean loss, new batch_stats), via kfax's loss helper
+  (the LM's float32 logits `(batch, seq_len, vocab)` against its next tokens: a mean over
+  tokens)."""
   model = problem.model
 
   def loss_fn(params, batch_stats, x, y):
@@ -168,9 +181,21 @@ def compile_step(step: Callable, state: TrainState, problem: Problem,
 
   """
   start = time.perf_counter()
-  lowered = jax.jit(step, donate_argnums=0 if donate else ()).lower(state, problem.x, problem.y, jax.random.key(0))
+  lowered = lower_step(step, state, problem, donate)
+  return finish_compile(lowered, time.perf_counter() - start)
+
+
+def lower_step(step: Callable, state: TrainState, problem: Problem, donate: bool) -> Any:
+  return jax.jit(step, donate_argnums=0 if donate else ()).lower(
+      state, problem.x, problem.y, jax.random.key(0))
+
+
+def finish_compile(lowered: Any, lower_s: float) -> tuple[Callable, dict]:
+  """`lowered.compile()` and its info (compile_s counts the lowering too)."""
+  start = time.perf_counter()
   compiled = lowered.compile()
-  info = {'compile_s': time.perf_counter() - start, 'xla_flops': None, 'temp_bytes': None}
+  info = {'compile_s': lower_s + time.perf_counter() - start, 'xla_flops': None,
+          'temp_bytes': None}
   try:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -182,6 +207,55 @@ def compile_step(step: Callable, state: TrainState, problem: Problem,
   except Exception:  # noqa: BLE001 - backend without memory analysis
     pass
   return compiled, info
+
+
+class Compiler:
+  """Compiles step functions ahead of time: each at once (`threads` <= 1), or the first at once
+  and the others in a pool of `threads` (lowered here, compiled there; XLA releases the GIL).
+  The first is SGD's step: on a GPU its autotuning runs alone, and XLA's in-process autotuning
+  cache can serve the later steps' identical convolutions and matmuls. A pooled step is a `Pending`, which waits for its compile
+  on first use; its info dict is filled then."""
+
+  def __init__(self, threads: int, donate: bool):
+    self.donate = donate
+    self.pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 1 else None
+    self.first = True
+    self.pending: list[Pending] = []
+
+  def __call__(self, step: Callable, state: TrainState,
+               problem: Problem) -> tuple[Callable, dict]:
+    if self.pool is None or self.first:
+      self.first = False
+      return compile_step(step, state, problem, self.donate)
+    start = time.perf_counter()
+    lowered = lower_step(step, state, problem, self.donate)
+    info: dict[str, Any] = {}
+    future = self.pool.submit(finish_compile, lowered, time.perf_counter() - start)
+    self.pending.append(Pending(future, info))
+    return self.pending[-1], info
+
+  def close(self) -> None:
+    """Waits for every compile (and fills its info)."""
+    for step in self.pending:
+      step.resolve()
+    if self.pool is not None:
+      self.pool.shutdown()
+
+
+class Pending:
+  """A step being compiled in a thread: the first call waits for it (and fills `info`)."""
+
+  def __init__(self, future: concurrent.futures.Future, info: dict):
+    self.future, self.info, self.compiled = future, info, None
+
+  def resolve(self) -> Callable:
+    if self.compiled is None:
+      self.compiled, info = self.future.result()
+      self.info.update(info)
+    return self.compiled
+
+  def __call__(self, *args: Any) -> Any:
+    return self.resolve()(*args)
 
 
 # ------------------------------------------------------------------------------------- timing
@@ -242,24 +316,27 @@ def amortized(parts: dict[str, float], stats_every: int, inverse_every: int) -> 
 
 
 def first_order_series(problem: Problem, tx: optax.GradientTransformation,
-                       args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Series]]:
-  """The method's compile info and its one timed series, 'step'."""
+                       args: argparse.Namespace,
+                       compiler: Compiler) -> tuple[dict[str, Any], Callable[[], dict]]:
+  """The method's compile info and a function giving its one timed series, 'step'."""
   loss_fn = make_loss(problem)
   state = (copy_tree(problem.params), copy_tree(problem.batch_stats), copy_tree(tx.init(problem.params)))
   opt_bytes = state_bytes(state[2])
-  step, info = compile_step(plain_step_fn(loss_fn, tx), state, problem, args.donate)
+  step, info = compiler(plain_step_fn(loss_fn, tx), state, problem)
   key = jax.random.key(0)
   run = lambda s, i: step(s, problem.x, problem.y, key)[0]
-  return {'state_bytes': opt_bytes, 'compiled': {'step': info}}, {'step': Series(run, state)}
+  return ({'state_bytes': opt_bytes, 'compiled': {'step': info}},
+          lambda: {'step': Series(run, state)})
 
 
 def first_order_result(info: dict[str, Any], times: dict[str, list[float]]) -> dict[str, Any]:
   return {'step_s': median(times['step']), **info, 'times_s': times['step']}
 
 
-def kfax_series(problem: Problem, mode: str,
-                args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Series]]:
-  """kfax's compile info and three timed series: stats, plain and plain with a refresh."""
+def kfax_series(problem: Problem, mode: str, args: argparse.Namespace,
+                compiler: Compiler) -> tuple[dict[str, Any], Callable[[], dict]]:
+  """kfax's compile info and a function giving its three timed series: stats, plain and plain
+  with a refresh (it runs the first statistics step, so it waits for the compiles)."""
   if args.inverse_every < 2:
     raise ValueError('--inverse_every must be >= 2 to time steps without a refresh')
   loss_fn = make_loss(problem)
@@ -270,18 +347,25 @@ def kfax_series(problem: Problem, mode: str,
       optax.sgd(LEARNING_RATE, momentum=MOMENTUM))
   state = (copy_tree(problem.params), copy_tree(problem.batch_stats), copy_tree(tx.init(problem.params)))
   opt_bytes = state_bytes(state[2])
-  stats_step, stats_info = compile_step(stats_step_fn(loss_fn, tx), state, problem, args.donate)
-  plain_step, plain_info = compile_step(plain_step_fn(loss_fn, tx), state, problem, args.donate)
+  dtypes = sorted({str(leaf.dtype) for leaf in jax.tree.leaves(state[2][0])
+                   if jnp.issubdtype(leaf.dtype, jnp.floating)})
+  stats_step, stats_info = compiler(stats_step_fn(loss_fn, tx), state, problem)
+  plain_step, plain_info = compiler(plain_step_fn(loss_fn, tx), state, problem)
   keys = jax.random.split(jax.random.key(1), args.warmup + max(args.steps, args.check_steps))
   run_stats = lambda s, i: stats_step(s, problem.x, problem.y, keys[i])[0]
   run_plain = lambda s, i: plain_step(s, problem.x, problem.y, keys[i])[0]
-  # The first statistics (count 0) absorb and refresh; later steps with count 1 never refresh.
-  state = jax.block_until_ready(run_stats(state, 0))
-  info = {'state_bytes': opt_bytes, 'run_stats': run_stats, 'run_plain': run_plain,
+  info = {'state_bytes': opt_bytes, 'state_dtypes': dtypes, 'run_stats': run_stats,
+          'run_plain': run_plain,
           'compiled': {'stats_step': stats_info, 'plain_step': plain_info}}
-  return info, {'stats': Series(run_stats, copy_tree(state), set_count(1)),
-                'plain': Series(run_plain, copy_tree(state), set_count(1)),
-                'plain_refresh': Series(run_plain, state, set_count(0))}
+
+  def make_series(state: TrainState = state) -> dict[str, Series]:
+    # The first statistics (count 0) absorb and refresh; later steps with count 1 never refresh.
+    state = jax.block_until_ready(run_stats(state, 0))
+    return {'stats': Series(run_stats, copy_tree(state), set_count(1)),
+            'plain': Series(run_plain, copy_tree(state), set_count(1)),
+            'plain_refresh': Series(run_plain, state, set_count(0))}
+
+  return info, make_series
 
 
 def kfax_result(info: dict[str, Any], times: dict[str, list[float]], states: dict[str, Any],
@@ -328,6 +412,7 @@ def kfac_jax_loss(problem: Problem) -> tuple[Callable, bool]:
   def loss_with_state(params, batch_stats, batch):
     x, y = batch
     logits, updates = logits_of(params, batch_stats, x)
+    logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)  # LM: tokens as examples
     kfac_jax.register_softmax_cross_entropy_loss(logits, y)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, updates['batch_stats']
@@ -335,6 +420,7 @@ def kfac_jax_loss(problem: Problem) -> tuple[Callable, bool]:
   def loss(params, batch):
     x, y = batch
     logits, _ = logits_of(params, None, x)
+    logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
     kfac_jax.register_softmax_cross_entropy_loss(logits, y)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
@@ -438,14 +524,22 @@ def peak_memory() -> str | int:
 
 
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
-  config = cost_model.override(models.DEFAULTS[name], args)
-  problem = make_problem(name, config)
-  result: dict[str, Any] = {'config': dataclasses.asdict(config),
+  config = cost_model.override(cost_model.base_config(name, args.size), args)
+  problem = make_problem(name, config, dtype=args.dtype)
+  result: dict[str, Any] = {'config': config.asdict(),
                             'params': int(sum(p.size for p in jax.tree.leaves(problem.params)))}
-  log(f'{name}: {config}, {result["params"]:,} parameters')
-  methods = {'sgd': first_order_series(problem, optax.sgd(LEARNING_RATE, momentum=MOMENTUM), args),
-             'adam': first_order_series(problem, optax.adam(LEARNING_RATE), args)}
-  methods.update({f'kfax_{mode}': kfax_series(problem, mode, args) for mode in args.kfax_modes})
+  log(f'{name}: {config}, {result["params"]:,} parameters, {args.dtype} compute')
+  compiler = Compiler(args.compile_threads, args.donate)
+  start = time.perf_counter()
+  pending = {
+      'sgd': first_order_series(problem, optax.sgd(LEARNING_RATE, momentum=MOMENTUM), args,
+                                compiler),
+      'adam': first_order_series(problem, optax.adam(LEARNING_RATE), args, compiler)}
+  pending.update({f'kfax_{mode}': kfax_series(problem, mode, args, compiler)
+                  for mode in args.kfax_modes})
+  methods = {m: (info, make()) for m, (info, make) in pending.items()}
+  compiler.close()
+  log(f'  compiled and set up in {time.perf_counter() - start:.1f} s')
   series = {(m, k): s for m, (_, named) in methods.items() for k, s in named.items()}
   kfac_jax_modes = [] if kfac_jax is None or args.no_kfac_jax else args.kfac_jax_modes.split(',')
   for mode in kfac_jax_modes:
@@ -475,10 +569,25 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
   for mode in kfac_jax_modes:
     if 'error' in result[f'kfac_jax_{mode}']:
       log(f'  kfac-jax {mode} failed: {result[f"kfac_jax_{mode}"]["error"][:300]}')
-  result['cost_model'] = cost_model.analyze(name, config)
+  result['cost_model'] = cost_model_of(name, config, result, args)
   result['peak_device_bytes'] = peak_memory()
   result['load_average_1min'] = os.getloadavg()[0]  # other processes skew the times
   return result
+
+
+def cost_model_of(name: str, config: models.ModelConfig, result: dict[str, Any],
+                  args: argparse.Namespace) -> dict[str, Any]:
+  """`cost_model.analyze`, with the forward+backward FLOPs of the compiled SGD step if
+  `--cost_model_flops sgd_step`; on failure the reason, printed and stored."""
+  fb = None
+  if args.cost_model_flops == 'sgd_step':
+    fb = result['sgd']['compiled']['step'].get('xla_flops')
+  try:
+    return cost_model.analyze(name, config, args.dtype, fb_flops=fb, fb_source='xla (SGD step)')
+  except Exception as error:  # noqa: BLE001 - report it and go on without a prediction
+    reason = f'{type(error).__name__}: {error}'[:2000]
+    log(f'  cost model skipped for {name}: {reason[:300]}')
+    return {'error': reason}
 
 
 def fmt_parts(parts: dict[str, float]) -> str:
@@ -504,10 +613,11 @@ def ratio_rows(name: str, result: dict[str, Any], args: argparse.Namespace) -> l
     ours = amortized(parts, s, i)
     matched = amortized(parts, 1, n)
     mode = key.rsplit('_', 1)[1]
-    predicted = cost_model.predicted_ratio(result['cost_model']['totals'][mode], s, i)
+    totals = result['cost_model'].get('totals')
+    predicted = f'{cost_model.predicted_ratio(totals[mode], s, i):.2f}' if totals else 'n/a'
     check = result[key].get('schedule_check')
     rows.append([name, key.replace('kfac_jax', 'kfac-jax'), f'{ours * 1e3:.2f}',
-                 f'{ours / sgd:.2f}', f'{matched / sgd:.2f}', f'{predicted:.2f}',
+                 f'{ours / sgd:.2f}', f'{matched / sgd:.2f}', predicted,
                  f'{check["mean_step_s"] / sgd:.2f}' if check else '',
                  ' / '.join(f'{parts[p] * 1e3:.1f}' for p in ('plain', 'stats', 'refresh'))])
   return rows
@@ -564,7 +674,8 @@ def environment() -> dict[str, Any]:
   device = jax.devices()[0]
   return {
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'jax': jax.__version__, 'optax': optax.__version__, 'kfax': kfax.__version__,
+      'jax': jax.__version__, 'flax': flax.__version__, 'optax': optax.__version__,
+      'kfax': kfax.__version__,
       'kfac_jax': getattr(kfac_jax, '__version__', None) if kfac_jax else None,
       'kfac_jax_import_error': KFAC_JAX_ERROR or None,
       'platform': device.platform, 'device_kind': device.device_kind, 'cpu': cpu,
@@ -576,9 +687,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--models', default='mlp,cnn,resnet18,resnet50',
                  help=f'comma-separated, from {",".join(models.DEFAULTS)}')
-  p.add_argument('--batch', type=int, help='override every model\'s batch size')
-  p.add_argument('--image_size', type=int, help='override every model\'s image size')
-  p.add_argument('--width', type=int, help='override every model\'s width')
+  p.add_argument('--size', default='cpu', choices=('cpu', 'gpu'),
+                 help='models.DEFAULTS (cpu) or models.GPU (the sizes of gpu.sh)')
+  p.add_argument('--dtype', default='float32', choices=models.DTYPES,
+                 help='the models\' compute dtype (parameters and kfax state stay float32)')
+  cost_model.add_size_flags(p)
   p.add_argument('--steps', type=int, default=20, help='timed steps per measurement')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps before each measurement')
   p.add_argument('--stats_every', type=int, default=10, help='kfax steps between statistics')
@@ -598,6 +711,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument('--kfac_jax_modes', default='eigen,factored',
                  help='kfac-jax modes (eigen = use_exact_inverses=True)')
   p.add_argument('--no_kfac_jax', action='store_true', help='skip kfac-jax even if installed')
+  p.add_argument('--compile_threads', type=int, default=1,
+                 help='compile the steps after SGD\'s in this many threads (1: one by one)')
+  p.add_argument('--cost_model_flops', default='value_and_grad',
+                 choices=('value_and_grad', 'sgd_step'),
+                 help='forward+backward FLOPs of the cost model: XLA\'s count of the loss\'s'
+                      ' value_and_grad (compiled for it) or of the compiled SGD step (no compile)')
   p.add_argument('--out', default=str(RESULTS / 'step_time.json'), help='JSON output path')
   return p.parse_args(argv)
 
@@ -606,7 +725,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   env = environment()
   log(f'jax {env["jax"]} on {env["device_kind"]} ({env["cpu"]}, {env["cpu_count"]} cores),'
-      f' {env["date"]}, load average {os.getloadavg()[0]:.2f}')
+      f' {env["date"]}, load average {os.getloadavg()[0]:.2f}, {args.dtype} compute')
   if kfac_jax is None:
     log(f'kfac-jax skipped: import kfac_jax failed ({KFAC_JAX_ERROR})')
   args.kfax_modes = args.damping_modes.split(',')
