@@ -78,12 +78,12 @@ def _vma(x: Any) -> set:
 class _Trace:
   """One trace of the loss: records calls (shape-only pass) or taps them (real pass)."""
 
-  def __init__(self, params: Any, shape_only: bool, reduce: bool):
+  def __init__(self, params: Any, shape_only: bool, rows: _kinds.Rows):
     self.ids = {id(leaf): tuple(p.split('/')) for p, leaf in _table.named_leaves(params)}
     self.shapes = {p: tuple(jnp.shape(leaf)) for p, leaf in _table.named_leaves(params)}
     self.subtrees = _table.subtree_paths(params)
     self.shape_only = shape_only  # records calls; else taps them
-    self.reduce = reduce
+    self.rows = rows
     self.records: dict[str, _Record] = {}
     self.marks: list[_Mark] = []
     self.active: list[str] = []  # enclosing reparameterising modules (nn.WeightNorm, ...)
@@ -152,7 +152,7 @@ class _Trace:
           ' parameters) drops that under shard_map(check_vma=True); use check_vma=False for'
           ' this model.')
     saved = _kinds.save(kind, spec, module, args, kwargs)
-    return _tap(kind, spec, self.reduce, _diagonal_sides(acc[spec.role]))(y, saved, acc[spec.role])
+    return _tap(kind, spec, self.rows, _diagonal_sides(acc[spec.role]))(y, saved, acc[spec.role])
 
   def _call(self, module: Any, next_fun: Callable, args: tuple, kwargs: dict) -> Any:
     """Runs the call, remembering reparameterising wrappers (their children's kernels are not
@@ -221,7 +221,7 @@ def _diagonal_sides(acc: dict[str, jax.Array]) -> tuple[bool, bool]:
   return (acc['a_factor'].ndim < full, acc['g_factor'].ndim < full)
 
 
-def _tap(kind: _kinds.Kind, spec: _kinds.Spec, reduce: bool, diag: tuple[bool, bool]):
+def _tap(kind: _kinds.Kind, spec: _kinds.Spec, rows: _kinds.Rows, diag: tuple[bool, bool]):
   """`y -> y` whose backward pass returns the call's statistics as `acc`'s cotangent."""
 
   @jax.custom_vjp
@@ -234,7 +234,7 @@ def _tap(kind: _kinds.Kind, spec: _kinds.Spec, reduce: bool, diag: tuple[bool, b
 
   def backward(residuals, dy):
     saved, calls = residuals
-    stats = kind.statistics(spec, saved, dy, reduce, diag)
+    stats = kind.statistics(spec, saved, dy, rows, diag)
     cotangent = {name: value.astype(calls.dtype) for name, value in stats.items()}
     cotangent['calls'] = jnp.ones_like(calls)
     return dy, jax.tree.map(_zero_cotangent, saved), cotangent
@@ -451,6 +451,7 @@ def value_grad_and_stats(
     sequence: str = 'expand',
     fallback: str = 'diagonal',
     max_factor_dim: int = 8192,
+    subsample: int = 1,
 ) -> Callable[..., tuple[Any, Any, Stats]]:
   """Wraps a Flax loss to return the loss, its gradients and this batch's K-FAC statistics.
 
@@ -486,6 +487,11 @@ def value_grad_and_stats(
     max_factor_dim: a Kronecker side larger than this is kept diagonal instead of dense. 8192
       keeps every factor of ResNet-50 (largest 4609) and of transformers up to d_model 2048
       dense (at most 256 MiB a factor), and a vocabulary-sized side diagonal.
+    subsample: statistics from every `subsample`-th example of the batch only (1: all), scaled
+      to estimate the whole batch's; the loss and gradients always use every example. The A and
+      G products (and conv patches) cost about 1/subsample; the MC backward pass does not
+      shrink. Each step's factors then rest on fewer examples, which the moving average
+      offsets; where it pays is model by model (`benchmarks/`).
 
   Returns:
     `f(params_or_model, *args, rng=None, **kwargs) -> (loss or (loss, aux), grads, stats)`.
@@ -507,7 +513,10 @@ def value_grad_and_stats(
   if not (isinstance(max_factor_dim, int) and max_factor_dim >= 1):
     raise ValueError('kfax.value_grad_and_stats: `max_factor_dim` must be an integer >= 1, got'
                      f' {max_factor_dim!r}.')
-  reduce = sequence == 'reduce'
+  if not (isinstance(subsample, int) and subsample >= 1):
+    raise ValueError('kfax.value_grad_and_stats: `subsample` must be an integer >= 1 (every'
+                     f' subsample-th example), got {subsample!r}.')
+  rows = _kinds.Rows(sequence == 'reduce', subsample)
   takes_rng = _takes_rng(loss_fn)
 
   def run(front: Any, params: Any, state: Any, accs: dict | None, trace: _Trace, args: tuple,
@@ -527,7 +536,7 @@ def value_grad_and_stats(
       for i, v in zip(arrays, values):
         full[i] = v
       a, k = jax.tree.unflatten(treedef, full)
-      traces.append(_Trace(p, True, reduce))
+      traces.append(_Trace(p, True, rows))
       front.prepare(traces[0])
       return run(front, p, state, None, traces[0], a, k)[0][0]
 
@@ -563,7 +572,7 @@ def value_grad_and_stats(
     traces: list[_Trace] = []
 
     def forward(p, accs):
-      traces.append(_Trace(p, False, reduce))
+      traces.append(_Trace(p, False, rows))
       (loss, aux), state = run(front, p, front.state, accs, traces[-1], args, kwargs)
       marks = traces[-1].marks
       return (loss, [m.output for m in marks]), (aux, _examples(marks, args), state)

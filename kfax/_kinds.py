@@ -100,23 +100,42 @@ def _f32(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+class Rows(NamedTuple):
+  """How a call's rows make its statistics: `reduce` (K-FAC-reduce: an example's positions
+  summed first) and `stride` (only every `stride`-th example, `value_grad_and_stats(subsample=)`)."""
+
+  reduce: bool = False
+  stride: int = 1
+
+
+def every(stride: int, *xs: jax.Array) -> tuple[tuple[jax.Array, ...], float]:
+  """Every `stride`-th example (leading axis) of each array, and `E / E_kept`: the factor that
+  keeps a sum over the examples an unbiased estimate of the whole batch's."""
+  if stride == 1:
+    return xs, 1.0
+  kept = tuple(x[::stride] for x in xs)
+  return kept, xs[0].shape[0] / kept[0].shape[0]
+
+
 def _with_ones(a: jax.Array) -> jax.Array:
   return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
 
 
 def kronecker_terms(
-    a: jax.Array, dy: jax.Array, reduce: bool, diag: tuple[bool, bool]
+    a: jax.Array, dy: jax.Array, rows: Rows, diag: tuple[bool, bool], scale: float = 1.0
 ) -> dict[str, jax.Array]:
   """A and (unscaled) G of rows `a` `(E, R, B, d_a)` and `dy` `(E, R, B, d_g)`: E examples of R
   positions each, B blocks. Expand treats all E*R rows as examples; reduce averages `a` and sums
-  `dy` over each example's positions first. A diagonal side keeps only its diagonal."""
-  a, dy = _f32(a), _f32(dy)
-  if reduce:
+  `dy` over each example's positions first. A diagonal side keeps only its diagonal. G, a sum
+  over examples, is multiplied by `scale` (and by E / E_kept when `rows.stride` keeps only some)."""
+  (a, dy), kept = every(rows.stride, _f32(a), _f32(dy))
+  scale = scale * kept
+  if rows.reduce:
     a, dy = a.mean(1, keepdims=True), dy.sum(1, keepdims=True)
-  rows = a.shape[0] * a.shape[1]
+  count = a.shape[0] * a.shape[1]
   second = lambda x, d: (jnp.einsum('erbi,erbi->bi', x, x) if d
                          else jnp.einsum('erbi,erbj->bij', x, x))
-  return {'a_factor': second(a, diag[0]) / rows, 'g_factor': second(dy, diag[1])}
+  return {'a_factor': second(a, diag[0]) / count, 'g_factor': second(dy, diag[1]) * scale}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +193,7 @@ def _linear_rows(lin: Linear, x: jax.Array, letters: str, target: str, b: int) -
   return x.reshape(x.shape[0], -1, b, math.prod(x.shape[len(rows):]) // b)
 
 
-def _linear_stats(spec: Spec, saved: Any, dy: jax.Array, reduce: bool,
+def _linear_stats(spec: Spec, saved: Any, dy: jax.Array, rows: Rows,
                   diag: tuple[bool, bool]) -> dict[str, jax.Array]:
   lin, (x,) = spec.config, saved
   _, batch, ins, outs = lin.groups()
@@ -182,7 +201,7 @@ def _linear_stats(spec: Spec, saved: Any, dy: jax.Array, reduce: bool,
   if lin.bias is not None:
     a = _with_ones(a)
   g = _linear_rows(lin, dy, lin.y, batch + outs, spec.blocks)
-  return kronecker_terms(a, g, reduce, diag)
+  return kronecker_terms(a, g, rows, diag)
 
 
 def _letters(n: int, skip: str = '') -> str:
@@ -296,27 +315,28 @@ def _embed(module: nn.Embed, method: str, args: tuple, kwargs: dict) -> Match:
   return None
 
 
-def _embed_stats(spec: Spec, saved: Any, dy: jax.Array, reduce: bool,
+def _embed_stats(spec: Spec, saved: Any, dy: jax.Array, rows: Rows,
                  diag: tuple[bool, bool]) -> dict[str, jax.Array]:
   if spec.role == 'attend':  # x Eᵀ: E's columns see the inputs, its rows (tokens) the gradients
     lin, (x,) = spec.config, saved
     terms = kronecker_terms(_linear_rows(lin, x, lin.x, 'd', 1),
-                            _linear_rows(lin, dy, lin.y, 'v', 1), reduce, (diag[1], True))
+                            _linear_rows(lin, dy, lin.y, 'v', 1), rows, (diag[1], True))
     return {'a_factor': terms['g_factor'], 'g_factor': terms['a_factor']}
   (tokens,) = saved
   v = spec.config.num_embeddings
   tokens = tokens.reshape(tokens.shape[0] if tokens.ndim else 1, -1)
-  dy = _f32(dy).reshape(tokens.shape + (dy.shape[-1],))
-  if reduce:  # diag of (1/E) Σ_e ā ā ᵀ, ā_e the token frequencies of example e
+  (tokens, dy), scale = every(rows.stride, tokens,
+                              _f32(dy).reshape(tokens.shape + (dy.shape[-1],)))
+  if rows.reduce:  # diag of (1/E) Σ_e ā ā ᵀ, ā_e the token frequencies of example e
     freq = jax.vmap(lambda t: jnp.zeros((v,), dy.dtype).at[t].add(1.0 / t.shape[0]))(tokens)
     a = jnp.mean(freq**2, axis=0)
     s = dy.sum(1)
     g = jnp.einsum('ei,ei->i', s, s) if diag[1] else jnp.einsum('ei,ej->ij', s, s)
   else:
     a = jnp.zeros((v,), dy.dtype).at[tokens.ravel()].add(1.0 / tokens.size)
-    rows = dy.reshape(-1, dy.shape[-1])
-    g = jnp.einsum('mi,mi->i', rows, rows) if diag[1] else jnp.einsum('mi,mj->ij', rows, rows)
-  return {'a_factor': a[None], 'g_factor': g[None]}
+    m = dy.reshape(-1, dy.shape[-1])
+    g = jnp.einsum('mi,mi->i', m, m) if diag[1] else jnp.einsum('mi,mj->ij', m, m)
+  return {'a_factor': a[None], 'g_factor': g[None] * scale}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,16 +419,20 @@ def conv_patches(config: ConvConfig, x: jax.Array) -> jax.Array:
   return patches.reshape(e, -1, k * config.in_features)
 
 
-def _conv_stats(spec: Spec, saved: Any, dy: jax.Array, reduce: bool,
+def _conv_stats(spec: Spec, saved: Any, dy: jax.Array, rows: Rows,
                 diag: tuple[bool, bool]) -> dict[str, jax.Array]:
   config, (x,) = spec.config, saved
+  scale = 1.0
+  if x.ndim == len(config.window) + 2:  # one batch axis: subsample before extracting patches
+    (x, dy), scale = every(rows.stride, x, dy)
+    rows = rows._replace(stride=1)
   patches = conv_patches(config, x)
   e, t = patches.shape[:2]
   g, k = config.groups, math.prod(config.window)
   a = patches.reshape(e, t, k, g, -1).transpose(0, 1, 3, 2, 4).reshape(e, t, g, -1)
   if config.use_bias:
     a = _with_ones(a)
-  return kronecker_terms(a, dy.reshape(e, t, g, -1), reduce, diag)
+  return kronecker_terms(a, dy.reshape(e, t, g, -1), rows, diag, scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,7 +495,7 @@ def _nnx_norm_save(spec: Spec, module: nnx.Module, args: tuple, kwargs: dict) ->
   return (jax.lax.stop_gradient(x_hat),)
 
 
-def _norm_stats(spec: Spec, saved: Any, dy: jax.Array, reduce: bool,
+def _norm_stats(spec: Spec, saved: Any, dy: jax.Array, rows: Rows,
                 diag: tuple[bool, bool]) -> dict[str, jax.Array]:
   (x_hat,), axes = saved, spec.config.feature_axes
   dy = _f32(dy)
@@ -481,9 +505,10 @@ def _norm_stats(spec: Spec, saved: Any, dy: jax.Array, reduce: bool,
   u = jnp.moveaxis(u, list(axes), list(range(dy.ndim - len(axes), dy.ndim)))
   u = u.reshape(-1, math.prod(dy.shape[a] for a in rest[1:]) if rest else 1, spec.dims[0],
                 len(spec.config.names)) if rest else u.reshape(1, 1, spec.dims[0], -1)
-  if reduce:
+  (u,), scale = every(rows.stride, u)
+  if rows.reduce:
     u = u.sum(1, keepdims=True)
-  return {'fisher': jnp.einsum('ercj,erck->cjk', u, u)}
+  return {'fisher': jnp.einsum('ercj,erck->cjk', u, u) * scale}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,7 +517,7 @@ def _norm_stats(spec: Spec, saved: Any, dy: jax.Array, reduce: bool,
 
 class Kind(NamedTuple):
   match: Callable[[nn.Module, str, tuple, dict], Match]
-  statistics: Callable[[Spec, Any, jax.Array, bool, tuple[bool, bool]], dict[str, jax.Array]]
+  statistics: Callable[[Spec, Any, jax.Array, Rows, tuple[bool, bool]], dict[str, jax.Array]]
   save: Callable[[Spec, nn.Module, tuple, dict], tuple] | None = None  # default: (input,)
   methods: tuple[str, ...] = ('__call__',)
 

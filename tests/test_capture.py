@@ -282,6 +282,8 @@ def test_errors():
     kfax.value_grad_and_stats(ce, sequence='sum')
   with pytest.raises(ValueError, match=r"`fallback` must be one of \('diagonal', 'none'\)"):
     kfax.value_grad_and_stats(ce, fallback='identity')
+  with pytest.raises(ValueError, match=r'`subsample` must be an integer >= 1 .*got 0'):
+    kfax.value_grad_and_stats(ce, subsample=0)
   with pytest.raises(ValueError, match=r'fisher="mc" samples targets and needs a PRNG key'):
     kfax.value_grad_and_stats(ce)(params)  # "mc" is the default
   plain = lambda p: optax.softmax_cross_entropy_with_integer_labels(
@@ -297,3 +299,47 @@ def test_errors():
   table = kfax.value_grad_and_stats(lambda p: jnp.sum(p['Dense_0']['kernel'])).layers(params)
   assert {e.curvature for e in table.entries.values()} == {'diagonal'}
   assert set(table.entries) == {'Dense_0/kernel', 'Dense_0/bias', 'Dense_1/kernel', 'Dense_1/bias'}
+
+
+class Mixed(nn.Module):
+  """Every statistics path that `subsample` touches: conv patches, Embed lookup and attend,
+  attention (DenseGeneral), LayerNorm and Dense on sequences."""
+
+  @nn.compact
+  def __call__(self, image, tokens):
+    c = nn.Conv(3, (3, 3), strides=2)(image)  # (B, 3, 3, 3)
+    embed = nn.Embed(7, 6)
+    h = embed(tokens) + nn.Dense(6)(c.reshape(c.shape[0], 1, -1))
+    n = nn.LayerNorm()(h)
+    h = h + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4, out_features=6)(n, n)
+    return embed.attend(jnp.tanh(nn.Dense(6)(h)))
+
+
+@pytest.mark.parametrize('sequence', ['expand', 'reduce'])
+def test_subsample_equals_the_statistics_of_the_kept_examples(x64, sequence):
+  """`subsample=3`: the statistics of a batch of 12 are those of its examples 0, 3, 6, 9 alone
+  (the empirical Fisher's G is per example, scaled to the batch), for every kind, in both
+  sequence modes; the gradients still come from all 12."""
+  model = Mixed()
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  image = jax.random.normal(k1, (12, 6, 6, 2), jnp.float64)
+  tokens = jax.random.randint(k2, (12, 5), 0, 7)
+  targets = jax.random.randint(k3, (12, 5), 0, 7)
+  params = _f64(model.init(jax.random.key(1), image, tokens)['params'])
+
+  def loss(p, image, tokens, targets):
+    return kfax.softmax_cross_entropy(model.apply({'params': p}, image, tokens), targets)
+
+  fn = lambda k: kfax.value_grad_and_stats(loss, fisher='empirical', sequence=sequence,
+                                           subsample=k)
+  table = fn(3).layers(params, image, tokens, targets)
+  assert {e.kind for e in table.entries.values()} >= {'conv', 'embed', 'dense', 'norm'}
+  _, grads, stats = fn(3)(params, image, tokens, targets)
+  kept = lambda a: a[::3]
+  _, _, want = fn(1)(params, kept(image), kept(tokens), kept(targets))
+  assert set(stats) == set(want) == {k for k, e in table.entries.items()
+                                     if e.curvature != 'none'}
+  jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-10, atol=1e-14), stats, want)
+  _, full_grads, full = fn(1)(params, image, tokens, targets)
+  jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-12, atol=1e-15), grads, full_grads)
+  assert relative_error(stats['Conv_0']['a_factor'], full['Conv_0']['a_factor']) > 1e-3
