@@ -157,14 +157,15 @@ def plain_step_fn(loss_fn: Callable, tx: optax.GradientTransformation) -> Callab
   return step
 
 
-def stats_fn(loss_fn: Callable) -> Callable:
-  """kfax's loss, gradients and statistics (MC Fisher)."""
-  return kfax.value_grad_and_stats(loss_fn, has_aux=True, fisher='mc')
+def stats_fn(loss_fn: Callable, subsample: int = 1) -> Callable:
+  """kfax's loss, gradients and statistics (MC Fisher; from every `subsample`-th example)."""
+  return kfax.value_grad_and_stats(loss_fn, has_aux=True, fisher='mc', subsample=subsample)
 
 
-def stats_step_fn(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+def stats_step_fn(loss_fn: Callable, tx: optax.GradientTransformation,
+                  subsample: int = 1) -> Callable:
   """kfax's step with statistics (MC Fisher)."""
-  grad_fn = stats_fn(loss_fn)
+  grad_fn = stats_fn(loss_fn, subsample)
 
   def step(state: TrainState, x, y, key):
     params, batch_stats, opt_state = state
@@ -349,7 +350,7 @@ def kfax_series(problem: Problem, mode: str, args: argparse.Namespace,
   opt_bytes = state_bytes(state[2])
   dtypes = sorted({str(leaf.dtype) for leaf in jax.tree.leaves(state[2][0])
                    if jnp.issubdtype(leaf.dtype, jnp.floating)})
-  stats_step, stats_info = compiler(stats_step_fn(loss_fn, tx), state, problem)
+  stats_step, stats_info = compiler(stats_step_fn(loss_fn, tx, args.subsample), state, problem)
   plain_step, plain_info = compiler(plain_step_fn(loss_fn, tx), state, problem)
   keys = jax.random.split(jax.random.key(1), args.warmup + max(args.steps, args.check_steps))
   run_stats = lambda s, i: stats_step(s, problem.x, problem.y, keys[i])[0]
@@ -699,6 +700,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument('--matched_inverse_every', type=int, default=5,
                  help='refresh period of the matched comparison (statistics every step)')
   p.add_argument('--damping', type=float, default=1e-3)
+  p.add_argument('--subsample', type=int, default=1,
+                 help="kfax statistics from every k-th example (value_grad_and_stats(subsample=))")
   p.add_argument('--damping_modes', default='eigen,factored',
                  help='kfax modes; kfac-jax runs use_exact_inverses for eigen')
   p.add_argument('--check_steps', type=int, default=100,

@@ -213,11 +213,12 @@ def kfac_optimizer(
   )
 
 
-def make_steps(model: nn.Module, tx: optax.GradientTransformation, fisher: str) -> Steps:
+def make_steps(model: nn.Module, tx: optax.GradientTransformation, fisher: str,
+               subsample: int = 1) -> Steps:
   """Jitted (step with K-FAC statistics, plain step, test accuracy) for `model` and `tx`."""
 
   loss_fn = make_loss(model)
-  grad_fn = kfax.value_grad_and_stats(loss_fn, fisher=fisher)
+  grad_fn = kfax.value_grad_and_stats(loss_fn, fisher=fisher, subsample=subsample)
 
   @jax.jit
   def stats_step(params, opt_state, x, y, key):
@@ -238,7 +239,7 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, fisher: str) 
   return stats_step, plain_step, accuracy
 
 
-def make_nnx_steps(graphdef: nnx.GraphDef, fisher: str) -> Steps:
+def make_nnx_steps(graphdef: nnx.GraphDef, fisher: str, subsample: int = 1) -> Steps:
   """`make_steps` for NNX, over `state`, the pure state (`nnx.to_pure_dict`) of
   `nnx.split((model, optimizer))` (an `nnx.Optimizer`, graph `graphdef`): each step merges them,
   calls `optimizer.update(model, grads, stats=...)` and returns the new pure state.
@@ -250,7 +251,7 @@ def make_nnx_steps(graphdef: nnx.GraphDef, fisher: str) -> Steps:
   plain step 0.96x linen's here, 1.14x over the `nnx.State`, 1.42x through
   `nnx.cached_partial`, 2.4x under `nnx.jit` (the CNN's longer steps hide more of it: 1.37x).
   """
-  grad_fn = kfax.value_grad_and_stats(nnx_loss, fisher=fisher)
+  grad_fn = kfax.value_grad_and_stats(nnx_loss, fisher=fisher, subsample=subsample)
 
   @jax.jit
   def stats_step(state, x, y, key):
@@ -275,7 +276,7 @@ def make_nnx_steps(graphdef: nnx.GraphDef, fisher: str) -> Steps:
 
 
 def init(model: Model, tx: optax.GradientTransformation, key: jax.Array, x: jax.Array,
-         fisher: str) -> tuple[tuple[Any, ...], Steps]:
+         fisher: str, subsample: int = 1) -> tuple[tuple[Any, ...], Steps]:
   """A training run's initial `carry` and its jitted steps (`make_steps`, `make_nnx_steps`).
 
   The steps map `(*carry, x, y[, key])` to `(*carry, loss)`; the accuracy reads `carry[0]`.
@@ -284,10 +285,10 @@ def init(model: Model, tx: optax.GradientTransformation, key: jax.Array, x: jax.
   """
   if isinstance(model, nn.Module):
     params = model.init(key, x[:1])['params']
-    return (params, tx.init(params)), make_steps(model, tx, fisher)
+    return (params, tx.init(params)), make_steps(model, tx, fisher, subsample)
   module = model(rngs=nnx.Rngs(key))
   graphdef, state = nnx.split((module, nnx.Optimizer(module, tx, wrt=nnx.Param)))
-  return (nnx.to_pure_dict(state),), make_nnx_steps(graphdef, fisher)
+  return (nnx.to_pure_dict(state),), make_nnx_steps(graphdef, fisher, subsample)
 
 
 def batch_indices(n: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
@@ -355,6 +356,7 @@ def train(
     seed: int = 0,
     stats_every: int | None = None,
     fisher: str = 'mc',
+    subsample: int = 1,
     target: float = 0.97,
     eval_every: int = 10,
     batch_size: int = BATCH_SIZE,
@@ -368,7 +370,8 @@ def train(
   steps, evaluating every `eval_every`.
 
   With `stats_every` set, `tx` must be K-FAC-based: every `stats_every`-th step (the first
-  included) computes curvature statistics, the rest pass `stats=None`. Training stops early
+  included) computes curvature statistics (from every `subsample`-th example of its batch),
+  the rest pass `stats=None`. Training stops early
   when the loss is no longer finite, or at the target with `stop_at_target`. Returns
   `steps_to_target` and `seconds_to_target` (None if the target test accuracy was never
   reached), `final_accuracy`, `diverged`, `steps` run, the accuracy `history` as (step,
@@ -385,7 +388,8 @@ def train(
   key = jax.random.key(seed)
   init_key, stats_key = jax.random.split(key)
   x_test, y_test = jnp.asarray(data['x_test']), jnp.asarray(data['y_test'])
-  carry, (stats_step, plain_step, accuracy) = init(model, tx, init_key, x_test, fisher)
+  carry, (stats_step, plain_step, accuracy) = init(model, tx, init_key, x_test, fisher,
+                                                   subsample)
   plan = batch_indices(len(data['y_train']), max(steps, 2), batch_size, seed)
   slots = -(-steps // eval_every)  # evaluations in a full run
   evals: list[Eval] = []
@@ -450,6 +454,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help='K-FAC update norm bound (KL clipping); 0 turns it off')
   p.add_argument('--ema_decay', type=float, default=KFAC_DEFAULTS['ema_decay'])
   p.add_argument('--fisher', choices=('mc', 'empirical'), default=KFAC_DEFAULTS['fisher'])
+  p.add_argument('--subsample', type=int, default=1,
+                 help='K-FAC statistics from every k-th example of the batch')
   p.add_argument('--kfac_lr', type=float, default=KFAC_DEFAULTS['learning_rate'])
   p.add_argument('--sgd_lr', type=float, default=SGD_LEARNING_RATE)
   p.add_argument('--adam_lr', type=float, default=ADAM_LEARNING_RATE)
@@ -555,7 +561,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         log_dir = os.path.join(args.log_dir, f'{name}-{opt}') if args.log_dir else None
         monitor = Monitor(log_dir, args.steps, BATCH_SIZE, start, show=args.progress)
       result = train(model, tx, data, steps=args.steps, seed=args.seed, target=args.target,
-                     eval_every=args.eval_every, fisher=args.fisher,
+                     eval_every=args.eval_every, fisher=args.fisher, subsample=args.subsample,
                      stats_every=args.stats_every if opt == 'kfac' else None, monitor=monitor,
                      checkpoints=saved, checkpoint_every=args.checkpoint_every,
                      stop_at=args.stop_at)
@@ -586,7 +592,7 @@ def main(argv: list[str] | None = None) -> None:
         f' K-FAC: damping={args.damping} ({args.damping_mode}),'
         f' norm_constraint={args.norm_constraint or None},'
         f' ema_decay={args.ema_decay}, inverse_every={args.inverse_every},'
-        f' stats_every={args.stats_every}, fisher={args.fisher}')
+        f' stats_every={args.stats_every}, fisher={args.fisher}, subsample={args.subsample}')
   rows = run(args)
   print_table(rows, args.target)
   if args.json:
