@@ -6,10 +6,10 @@ gives each update of the period a cost-balanced share of the factors. The amorti
 same; the slowest step should shrink towards `plain + refresh / inverse_every`.
 
 For each model (`models.py`, CPU sizes), both settings run the same compiled plain step (no
-statistics; the first statistics were absorbed before timing) through two whole periods, the
-two interleaved step by step so that machine load hits both alike. The table gives the median
-and the slowest step of each, their mean (the amortized step at this period) and SGD's step for
-scale.
+statistics; the first statistics were absorbed before timing) through whole periods, with
+SGD's step, the three interleaved step by step so that machine load hits them alike. The table
+gives the median and the slowest step of each, their mean (the amortized step at this period)
+and SGD's median step for scale.
 
 Run (about 2 minutes on 2 CPU cores):
 
@@ -64,16 +64,19 @@ def kfax_steps(problem: step_time.Problem, args: argparse.Namespace) -> dict:
   return out
 
 
-def sgd_step_s(problem: step_time.Problem, args: argparse.Namespace) -> float:
-  info, series = step_time.first_order_series(
-      problem, optax.sgd(step_time.LEARNING_RATE, momentum=step_time.MOMENTUM), args)
-  del info
-  times, _ = step_time.time_interleaved(series, args.inverse_every, 2)
-  return statistics.median(times['step'])
+def sgd_step(problem: step_time.Problem) -> tuple:
+  """SGD's step, as `(run(state, count), state)`, timed beside the others for scale."""
+  tx = optax.sgd(step_time.LEARNING_RATE, momentum=step_time.MOMENTUM)
+  state = step_time.copy_tree((problem.params, problem.batch_stats, tx.init(problem.params)))
+  step, _ = step_time.compile_step(step_time.plain_step_fn(step_time.make_loss(problem), tx),
+                                   state, problem, True)
+  key = jax.random.key(0)
+  return lambda s, count: step(s, problem.x, problem.y, key)[0], state
 
 
 def time_periods(steps: dict, args: argparse.Namespace) -> dict[str, list[float]]:
-  """Seconds of each step over `--periods` whole periods (after one untimed), interleaved."""
+  """Seconds of each step of each series over `--periods` whole periods (after one untimed),
+  interleaved step by step."""
   states = {k: state for k, (_, state) in steps.items()}
   times = {k: [] for k in steps}
   period = args.inverse_every
@@ -89,8 +92,8 @@ def time_periods(steps: dict, args: argparse.Namespace) -> dict[str, list[float]
 def bench(name: str, args: argparse.Namespace) -> dict:
   config = models.DEFAULTS[name]
   problem = step_time.make_problem(name, config)
-  times = time_periods(kfax_steps(problem, args), args)
-  row = {'model': name, 'config': str(config), 'sgd_s': sgd_step_s(problem, args)}
+  times = time_periods({**kfax_steps(problem, args), 'sgd': sgd_step(problem)}, args)
+  row = {'model': name, 'config': str(config), 'sgd_s': statistics.median(times.pop('sgd'))}
   for refresh, ts in times.items():
     row[refresh] = {'median_s': statistics.median(ts), 'max_s': max(ts),
                     'mean_s': statistics.fmean(ts), 'times_s': ts}
@@ -119,7 +122,6 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument('--damping', type=float, default=1e-3)
   p.add_argument('--out', default=str(RESULTS / 'refresh_spread.json'))
   args = p.parse_args(argv)
-  args.donate, args.check_steps = True, 0  # what step_time's helpers read
   rows = [bench(name.strip(), args) for name in args.models.split(',')]
   lines = table(rows, args)
   print('\n'.join(lines))
