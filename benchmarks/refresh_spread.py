@@ -11,7 +11,7 @@ SGD's step, the three interleaved step by step so that machine load hits them al
 gives the median and the slowest step of each, their mean (the amortized step at this period)
 and SGD's median step for scale.
 
-Run (about 2 minutes on 2 CPU cores):
+Run (about 4 minutes on 2 CPU cores):
 
     python benchmarks/refresh_spread.py
     python benchmarks/refresh_spread.py --models resnet50 --inverse_every 20 --mode factored
@@ -29,6 +29,7 @@ import argparse
 import datetime
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -118,10 +119,12 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument('--models', default='resnet18,resnet50')
   p.add_argument('--mode', choices=('eigen', 'factored'), default='eigen')
   p.add_argument('--inverse_every', type=int, default=10)
-  p.add_argument('--periods', type=int, default=2, help='timed periods per setting')
+  p.add_argument('--periods', type=int, default=3, help='timed periods per setting')
   p.add_argument('--damping', type=float, default=1e-3)
   p.add_argument('--out', default=str(RESULTS / 'refresh_spread.json'))
   args = p.parse_args(argv)
+  flags = sys.argv[1:] if argv is None else argv
+  command = ' '.join(['python benchmarks/refresh_spread.py', *flags])
   rows = [bench(name.strip(), args) for name in args.models.split(',')]
   lines = table(rows, args)
   print('\n'.join(lines))
@@ -131,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
   Path(args.out).write_text(json.dumps({'meta': meta, 'args': vars(args), 'rows': rows},
                                        indent=2))
   Path(args.out).with_suffix('.md').write_text(
-      f'# Slowest step of a refresh period\n\n`python benchmarks/refresh_spread.py'
-      f' {" ".join(argv or [])}`'.rstrip() + f'\n\n{meta}\n\n' + '\n'.join(lines) + '\n')
+      f'# Slowest step of a refresh period\n\n`{command}`\n\n{meta}\n\n' + '\n'.join(lines)
+      + '\n')
 
 
 if __name__ == '__main__':
