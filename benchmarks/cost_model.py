@@ -199,9 +199,11 @@ def totals(layers: list[LayerCost], fb_flops: float, mode: str) -> dict[str, flo
   }
 
 
-def predicted_ratio(total: dict[str, float], stats_every: int, inverse_every: int) -> float:
-  """Predicted amortized kfax step / SGD step at equal FLOP rates."""
-  stats = total['mc_backward'] + total['a_stats'] + total['g_stats']
+def predicted_ratio(total: dict[str, float], stats_every: int, inverse_every: int,
+                    subsample: int = 1) -> float:
+  """Predicted amortized kfax step / SGD step at equal FLOP rates; A and G statistics from every
+  `subsample`-th example (`value_grad_and_stats(subsample=)`), the MC backward from all."""
+  stats = total['mc_backward'] + (total['a_stats'] + total['g_stats']) / subsample
   extra = total['precondition'] + stats / stats_every + total['refresh'] / inverse_every
   return 1.0 + extra / total['forward_backward']
 
@@ -252,12 +254,13 @@ def print_layers(name: str, layers: list[dict]) -> None:
           f'{layer.precondition("eigen") / 1e6:>9.1f}{layer.refresh("eigen") / 1e6:>10.1f}')
 
 
-def print_totals(name: str, analysis: dict[str, Any], stats_every: int, inverse_every: int) -> None:
+def print_totals(name: str, analysis: dict[str, Any], stats_every: int, inverse_every: int,
+                 subsample: int = 1) -> None:
   for mode, total in analysis['totals'].items():
     parts = ', '.join(f'{k} {v / 1e9:.3f}' for k, v in total.items())
-    ratio = predicted_ratio(total, stats_every, inverse_every)
-    print(f'{name} {mode}: GFLOPs {parts}; predicted kfax/SGD at stats every {stats_every},'
-          f' refresh every {inverse_every}: {ratio:.3f}'
+    ratio = predicted_ratio(total, stats_every, inverse_every, subsample)
+    print(f'{name} {mode}: GFLOPs {parts}; predicted kfax/SGD at stats every {stats_every}'
+          f' (subsample {subsample}), refresh every {inverse_every}: {ratio:.3f}'
           f' (forward+backward from {analysis["forward_backward_source"]})')
 
 
@@ -270,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument('--dtype', default='float32', choices=models.DTYPES, help='compute dtype')
   p.add_argument('--stats_every', type=int, default=10)
   p.add_argument('--inverse_every', type=int, default=100)
+  p.add_argument('--subsample', type=int, default=1,
+                 help='statistics from every k-th example (value_grad_and_stats(subsample=))')
   add_size_flags(p)
   p.add_argument('--layers', dest='print_layers', action='store_true',
                  help='print the per-layer table')
@@ -279,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     analysis = analyze(name, config, args.dtype)
     if args.print_layers:
       print_layers(name, analysis['layers'])
-    print_totals(name, analysis, args.stats_every, args.inverse_every)
+    print_totals(name, analysis, args.stats_every, args.inverse_every, args.subsample)
 
 
 SIZE_FLAGS = {

@@ -615,7 +615,8 @@ def ratio_rows(name: str, result: dict[str, Any], args: argparse.Namespace) -> l
     matched = amortized(parts, 1, n)
     mode = key.rsplit('_', 1)[1]
     totals = result['cost_model'].get('totals')
-    predicted = f'{cost_model.predicted_ratio(totals[mode], s, i):.2f}' if totals else 'n/a'
+    predicted = (f'{cost_model.predicted_ratio(totals[mode], s, i, args.subsample):.2f}'
+                 if totals else 'n/a')
     check = result[key].get('schedule_check')
     rows.append([name, key.replace('kfac_jax', 'kfac-jax'), f'{ours * 1e3:.2f}',
                  f'{ours / sgd:.2f}', f'{matched / sgd:.2f}', predicted,
