@@ -191,6 +191,9 @@ def parse_args(task: Task, doc: str, argv: list[str] | None = None) -> argparse.
   add('--stats_every', type=int, default=5, help='steps between K-FAC statistics')
   add('--inverse_every', type=int, default=10, help='updates between K-FAC refreshes')
   add('--fisher', choices=('mc', 'empirical'), default='mc')
+  add('--subsample', type=int, default=1, metavar='K',
+      help="K-FAC statistics from every K-th example of each device's micro-batch"
+           ' (value_grad_and_stats(subsample=K)); gradients use every example')
   add('--comm_dtype', choices=('float32', 'bfloat16'), default='float32',
       help="dtype of kfax's statistics all-reduce")
   add('--gather', choices=('decompositions', 'gradients'), default='decompositions',
@@ -317,6 +320,8 @@ def check_args(args: argparse.Namespace, task: Task, devices: int) -> None:
     raise SystemExit(f'--eval_every {args.eval_every} must be >= 0 (0: only at the end).')
   if args.log_every < 1:
     raise SystemExit(f'--log_every {args.log_every} must be >= 1.')
+  if args.subsample < 1:
+    raise SystemExit(f'--subsample {args.subsample} must be >= 1 (1: every example).')
   if args.mixup_alpha < 0:
     raise SystemExit(f'--mixup_alpha {args.mixup_alpha} must be >= 0 (0: no mixup).')
   if not 0 <= args.random_erasing <= 1:
@@ -566,7 +571,8 @@ def make_loss(model: nn.Module) -> Callable:
 
 
 def stats_fn(model: nn.Module, args: argparse.Namespace) -> Callable:
-  return kfax.value_grad_and_stats(make_loss(model), has_aux=True, fisher=args.fisher)
+  return kfax.value_grad_and_stats(make_loss(model), has_aux=True, fisher=args.fisher,
+                                   subsample=args.subsample)
 
 
 def layer_table(model: nn.Module, args: argparse.Namespace, mesh: Mesh, params: Any,
