@@ -58,6 +58,7 @@ from jax.sharding import PartitionSpec as P
 
 import kfax
 import recipe
+from _monitor import check_checkpoint_flags
 
 AXIS = 'data'
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # process-local images, labels, weights
@@ -310,12 +311,7 @@ def check_args(args: argparse.Namespace, task: Task, devices: int) -> None:
         raise SystemExit(f'--{name} {path}: no such directory.')
   elif any(getattr(args, n) for n in ('train_list', 'train_root', 'val_list', 'val_root')):
     raise SystemExit('--train_list, --train_root, --val_list and --val_root need --data imagelist.')
-  if args.resume and not args.checkpoint_dir:
-    raise SystemExit('--resume needs --checkpoint_dir (the checkpoints to resume from).')
-  if args.checkpoint_every < 1:
-    raise SystemExit(f'--checkpoint_every {args.checkpoint_every} must be >= 1.')
-  if args.stop_at is not None and args.stop_at < 1:
-    raise SystemExit(f'--stop_at {args.stop_at} must be >= 1.')
+  check_checkpoint_flags(args)
   if args.eval_every is not None and args.eval_every < 0:
     raise SystemExit(f'--eval_every {args.eval_every} must be >= 0 (0: only at the end).')
   if args.log_every < 1:

@@ -101,6 +101,17 @@ def plot(log_dir: str) -> list[str]:
   return paths
 
 
+def check_checkpoint_flags(args: Any) -> None:
+  """SystemExit for checkpoint flags out of range: `--resume` without `--checkpoint_dir`,
+  `--checkpoint_every` or `--stop_at` below 1."""
+  if args.resume and not args.checkpoint_dir:
+    raise SystemExit('--resume needs --checkpoint_dir (the checkpoints to resume from).')
+  if args.checkpoint_every < 1:
+    raise SystemExit(f'--checkpoint_every {args.checkpoint_every} must be >= 1.')
+  if args.stop_at is not None and args.stop_at < 1:
+    raise SystemExit(f'--stop_at {args.stop_at} must be >= 1.')
+
+
 class Checkpoints:
   """Orbax checkpoints of a train state in `directory`, every `every` steps, the last `keep`
   kept. PRNG keys are saved as their raw data and rewrapped on restore."""

@@ -490,14 +490,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_checkpoint_args(args: argparse.Namespace) -> None:
-  """`examples/_common.py`'s checks of the checkpoint flags, and one of digits' own: checkpoints
-  and stops land on evaluations, since a checkpoint holds the test accuracies so far."""
-  if args.resume and not args.checkpoint_dir:
-    raise SystemExit('--resume needs --checkpoint_dir (the checkpoints to resume from).')
-  if args.checkpoint_every < 1:
-    raise SystemExit(f'--checkpoint_every {args.checkpoint_every} must be >= 1.')
-  if args.stop_at is not None and args.stop_at < 1:
-    raise SystemExit(f'--stop_at {args.stop_at} must be >= 1.')
+  """The examples' checks of the checkpoint flags (`_monitor.check_checkpoint_flags`), and one of
+  digits' own: checkpoints and stops land on evaluations, since a checkpoint holds the test
+  accuracies so far."""
+  from _monitor import check_checkpoint_flags
+
+  check_checkpoint_flags(args)
   for name in ('checkpoint_every', 'stop_at') if args.checkpoint_dir else ('stop_at',):
     value = getattr(args, name)
     if value is not None and value % args.eval_every:
