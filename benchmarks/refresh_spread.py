@@ -44,25 +44,30 @@ RESULTS = Path(__file__).resolve().parent / 'results'
 REFRESHES = ('together', 'staggered')
 
 
-def kfax_steps(problem: step_time.Problem, args: argparse.Namespace) -> dict:
-  """Per refresh setting: `run(state, count)`, the plain step at that update count, and a
+def kfax_step(problem: step_time.Problem, table: kfax.LayerTable, refresh: str,
+              args: argparse.Namespace) -> tuple:
+  """`(run(state, count), state)`: the plain step with `refresh` at that update count, and a
   state that has absorbed one batch of statistics."""
-  loss_fn = step_time.make_loss(problem)
-  table = step_time.stats_fn(loss_fn).layers(problem.params, problem.batch_stats, problem.x,
-                                             problem.y)
-  key, out = jax.random.key(0), {}
-  for refresh in REFRESHES:
-    tx = optax.chain(kfax.kfac(table, damping=args.damping, inverse_every=args.inverse_every,
-                               damping_mode=args.mode, refresh=refresh),
-                     optax.sgd(step_time.LEARNING_RATE, momentum=step_time.MOMENTUM))
-    state = step_time.copy_tree((problem.params, problem.batch_stats, tx.init(problem.params)))
-    stats, _ = step_time.compile_step(step_time.stats_step_fn(loss_fn, tx), state, problem, True)
-    plain, _ = step_time.compile_step(step_time.plain_step_fn(loss_fn, tx), state, problem, True)
-    state = jax.block_until_ready(stats(state, problem.x, problem.y, key)[0])
-    run = (lambda plain: lambda s, count: plain(step_time.set_count(count)(s, 0), problem.x,
-                                                problem.y, key)[0])(plain)
-    out[refresh] = (run, state)
-  return out
+  loss_fn, key = step_time.make_loss(problem), jax.random.key(0)
+  tx = optax.chain(kfax.kfac(table, damping=args.damping, inverse_every=args.inverse_every,
+                             damping_mode=args.mode, refresh=refresh),
+                   optax.sgd(step_time.LEARNING_RATE, momentum=step_time.MOMENTUM))
+  state = step_time.copy_tree((problem.params, problem.batch_stats, tx.init(problem.params)))
+  stats, _ = step_time.compile_step(step_time.stats_step_fn(loss_fn, tx), state, problem, True)
+  plain, _ = step_time.compile_step(step_time.plain_step_fn(loss_fn, tx), state, problem, True)
+  state = jax.block_until_ready(stats(state, problem.x, problem.y, key)[0])
+
+  def run(s, count: int):
+    return plain(step_time.set_count(count)(s, 0), problem.x, problem.y, key)[0]
+
+  return run, state
+
+
+def kfax_steps(problem: step_time.Problem, args: argparse.Namespace) -> dict:
+  """`kfax_step` of each refresh setting, around one layer table."""
+  table = step_time.stats_fn(step_time.make_loss(problem)).layers(
+      problem.params, problem.batch_stats, problem.x, problem.y)
+  return {refresh: kfax_step(problem, table, refresh, args) for refresh in REFRESHES}
 
 
 def sgd_step(problem: step_time.Problem) -> tuple:
