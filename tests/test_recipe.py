@@ -465,4 +465,4 @@ def test_training_accuracy_is_against_the_unmixed_labels():
                                                               batch_stats={})
   assert accuracy == pytest.approx(2 / 3) and batch_stats == {}
   want = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(10 * jnp.eye(3)), -1))
-  assert loss == pytest.approx(want, rel=1e-6)
+  assert float(loss) == pytest.approx(float(want), rel=1e-6)
