@@ -58,44 +58,51 @@ def median_seconds(fn: Callable, args: tuple, steps: int, warmup: int = 2) -> fl
   return statistics.median(times)
 
 
-def stage_times(name: str, config: models.ModelConfig, mode: str, steps: int) -> dict[str, float]:
-  problem = step_time.make_problem(name, config)
-  loss_fn = step_time.make_loss(problem)
-  p, bs, x, y, key = problem.params, problem.batch_stats, problem.x, problem.y, jax.random.key(0)
-  vg = lambda p, bs, x, y: jax.value_and_grad(loss_fn, has_aux=True)(p, bs, x, y)
+def stage_times(loss_fn: Callable, params: Any, rest: Any, batch: tuple, steps: int,
+                **kfac_kwargs: Any) -> dict[str, float]:
+  """Median seconds of each stage for `loss_fn(params, rest, *batch) -> (loss, rest)`."""
+  p, bs, key = params, rest, jax.random.key(0)
+  vg = lambda p, bs, *b: jax.value_and_grad(loss_fn, has_aux=True)(p, bs, *b)
   emp = kfax.value_grad_and_stats(loss_fn, has_aux=True, fisher='empirical')
   mc = kfax.value_grad_and_stats(loss_fn, has_aux=True, fisher='mc')
-  tx = kfax.kfac(mc.layers(p, bs, x, y), damping=1e-3, inverse_every=100, damping_mode=mode)
-  _, grads, stats = jax.jit(lambda p, bs, x, y, k: mc(p, bs, x, y, rng=k))(p, bs, x, y, key)
+  tx = kfax.kfac(mc.layers(p, bs, *batch), **kfac_kwargs)
+  _, grads, stats = jax.jit(lambda p, bs, k, *b: mc(p, bs, *b, rng=k))(p, bs, key, *batch)
   state = jax.jit(lambda g, s, st: tx.update(g, s, stats=st)[1])(grads, tx.init(p), stats)
   at = lambda count: state._replace(count=jnp.asarray(count, jnp.int32))
+  every = kfac_kwargs.get('inverse_every', 10)
   sgd = optax.sgd(1e-3, momentum=0.9)
-  out = {
-      'value_and_grad': median_seconds(vg, (p, bs, x, y), steps),
-      'stats_empirical': median_seconds(lambda *a: emp(*a), (p, bs, x, y), steps),
-      'stats_mc': median_seconds(lambda p, bs, x, y, k: mc(p, bs, x, y, rng=k),
-                                 (p, bs, x, y, key), steps),
+  return {
+      'value_and_grad': median_seconds(vg, (p, bs, *batch), steps),
+      'stats_empirical': median_seconds(lambda *a: emp(*a), (p, bs, *batch), steps),
+      'stats_mc': median_seconds(lambda p, bs, k, *b: mc(p, bs, *b, rng=k),
+                                 (p, bs, key, *batch), steps),
       'update_stats': median_seconds(lambda g, s, st: tx.update(g, s, stats=st),
                                      (grads, at(1), stats), steps),
       'update_plain': median_seconds(lambda g, s: tx.update(g, s, stats=None), (grads, at(1)),
                                      steps),
-      'update_refresh': median_seconds(lambda g, s: tx.update(g, s, stats=None), (grads, at(0)),
-                                       steps),
+      'update_refresh': median_seconds(lambda g, s: tx.update(g, s, stats=None),
+                                       (grads, at(every)), steps),
       'sgd_update': median_seconds(lambda g, s: sgd.update(g, s), (grads, sgd.init(p)), steps),
   }
-  return out
+
+
+STAGES = ('forward+backward', 'A and G statistics', 'MC backward',
+          'factor EMA (update_stats - update_plain)', 'precondition (update_plain)', 'refresh')
+
+
+def split(t: dict[str, float]) -> dict[str, float]:
+  """The seconds of each of `STAGES`, from `stage_times`' differences."""
+  return dict(zip(STAGES, (
+      t['value_and_grad'], t['stats_empirical'] - t['value_and_grad'],
+      t['stats_mc'] - t['stats_empirical'], t['update_stats'] - t['update_plain'],
+      t['update_plain'], t['update_refresh'] - t['update_plain'])))
 
 
 def report(name: str, mode: str, t: dict[str, float], flops: dict[str, float]) -> dict[str, Any]:
-  stages = {
-      'forward+backward': (t['value_and_grad'], flops['forward_backward']),
-      'A and G statistics': (t['stats_empirical'] - t['value_and_grad'],
-                             flops['a_stats'] + flops['g_stats']),
-      'MC backward': (t['stats_mc'] - t['stats_empirical'], flops['mc_backward']),
-      'factor EMA (update_stats - update_plain)': (t['update_stats'] - t['update_plain'], None),
-      'precondition (update_plain)': (t['update_plain'], flops['precondition']),
-      'refresh': (t['update_refresh'] - t['update_plain'], flops['refresh']),
-  }
+  keys = ('forward_backward', None, 'mc_backward', None, 'precondition', 'refresh')
+  analytic = {'A and G statistics': flops['a_stats'] + flops['g_stats']}
+  analytic.update({s: flops[k] for s, k in zip(STAGES, keys) if k})
+  stages = {s: (seconds, analytic.get(s)) for s, seconds in split(t).items()}
   print(f'\n{name} ({mode}): stage | ms | x value_and_grad | analytic GFLOPs | GFLOP/s')
   print('|---|---|---|---|---|')
   for stage, (seconds, f) in stages.items():
@@ -117,7 +124,10 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument('--out', help='also write the stage times as JSON')
   args = p.parse_args(argv)
   config = cost_model.override(models.DEFAULTS[args.model], args)
-  times = stage_times(args.model, config, args.mode, args.steps)
+  problem = step_time.make_problem(args.model, config)
+  times = stage_times(step_time.make_loss(problem), problem.params, problem.batch_stats,
+                      (problem.x, problem.y), args.steps, damping=1e-3, inverse_every=100,
+                      damping_mode=args.mode)
   flops = cost_model.analyze(args.model, config)['totals'][args.mode]
   print(f'jax {jax.__version__}; {args.model} {config}')
   stages = report(args.model, args.mode, times, flops)

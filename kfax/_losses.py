@@ -91,6 +91,16 @@ def _mark(
   _capture.mark_output(logits, sampled_cotangent, examples)
 
 
+def _sample_categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+  """One class index per row of `logits`, drawn from softmax(logits) by inverting its CDF: one
+  uniform per row, where `jax.random.categorical` draws a Gumbel per class (4x slower for a
+  (1024, 256) batch on CPU, and the MC backward's largest cost on a byte-level LM)."""
+  cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+  u = jax.random.uniform(key, logits.shape[:-1] + (1,), cdf.dtype)
+  index = jnp.sum(cdf < u * cdf[..., -1:], axis=-1)  # the first class whose CDF reaches u
+  return jnp.minimum(index, logits.shape[-1] - 1)
+
+
 def _soft_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example cross-entropy against one-hot or soft labels."""
   log_p = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
@@ -152,7 +162,7 @@ def softmax_cross_entropy(
   _mark(
       logits,
       lambda z, y: _mean(_integer_cross_entropy(_kept(z, where), y), where, examples),
-      lambda key, z: jax.random.categorical(key, z.astype(dtype)),
+      lambda key, z: _sample_categorical(key, z.astype(dtype)),
       where,
       examples,
   )

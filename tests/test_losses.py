@@ -156,6 +156,21 @@ def test_mc_cotangents_have_the_output_fisher_as_second_moment(loss, exact, mark
   assert np.linalg.norm(second_moment - exact) < 0.03 * np.linalg.norm(exact)
 
 
+def test_sampled_classes_follow_the_softmax():
+  """`_sample_categorical` (inverse CDF) against softmax probabilities, 200000 draws per row: each
+  frequency within 5 standard errors; a class of probability 0 (logit -1e30) is never drawn, nor
+  is any class but the one that holds all the mass (logits 0 and 1e4 in float32)."""
+  from kfax import _losses
+  z = jnp.array([[0.5, -1.0, 2.0, -1e30], [0.0, 0.0, 0.0, 0.0], [0.0, 1e4, 0.0, 0.0]])
+  draws = np.asarray(_losses._sample_categorical(
+      jax.random.key(0), jnp.broadcast_to(z, (200_000,) + z.shape)))
+  freq = np.stack([np.bincount(draws[:, i], minlength=4) for i in range(3)]) / draws.shape[0]
+  p = np.asarray(jax.nn.softmax(z, -1), np.float64)
+  stderr = np.sqrt(p * (1 - p) / draws.shape[0])
+  assert np.all(np.abs(freq - p) <= 5 * stderr + 1e-12), (freq, p)
+  assert freq[0, 3] == 0 and freq[2, 1] == 1
+
+
 def _softmax_fisher(z):
   p = np.asarray(jax.nn.softmax(z))
   return np.diag(p) - np.outer(p, p)
