@@ -351,10 +351,12 @@ class Config:
 
 
 LR_GRIDS = {'sgd': (0.03, 0.1, 0.3), 'adam': (1e-3, 3e-3, 1e-2), 'muon': (1e-2, 3e-2, 0.1),
-            'shampoo': (1e-4, 3e-4, 1e-3), 'psgd': (1e-3, 3e-3, 1e-2), 'kfax': (0.03, 0.1, 0.3)}
+            'shampoo': (1e-4, 3e-4, 1e-3), 'psgd': (1e-3, 3e-3, 1e-2), 'kfax': (0.03, 0.1, 0.3),
+            'kfax_qm': (1.0,)}  # no rate: the quadratic model chooses it
 QUICK_LR_GRIDS = {'sgd': (0.3,), 'adam': (1e-2,), 'muon': (3e-2,), 'shampoo': (3e-4,),
-                  'psgd': (3e-3,), 'kfax': (0.1,)}
+                  'psgd': (3e-3,), 'kfax': (0.1,), 'kfax_qm': (1.0,)}
 CONTESTANTS = tuple(LR_GRIDS)
+KFAX = ('kfax', 'kfax_qm')  # the contestants with statistics steps
 KFAX_DAMPINGS = (1e-4, 1e-3)
 # (statistics every s steps, refresh every i updates): the first with the whole grid, the others
 # at the best learning rate and damping of the first (second stage).
@@ -398,7 +400,7 @@ def variants(contestant: str, params: Any, quick: bool) -> list[Options]:
     return muon_variants(params)[:1 if quick else None]
   if contestant == 'shampoo':
     return [(('roots_every', SHAMPOO_ROOTS_EVERY[0]),)]
-  if contestant == 'kfax':
+  if contestant in KFAX:
     (s, i), dampings = KFAX_PERIODS[0], KFAX_DAMPINGS[:1 if quick else None]
     return [(('damping', d), ('stats_every', s), ('inverse_every', i)) for d in dampings]
   return [()]
@@ -407,7 +409,7 @@ def variants(contestant: str, params: Any, quick: bool) -> list[Options]:
 def second_stage(best: Config) -> list[Config]:
   """The other periods, tried at the learning rate and damping of a contestant's best."""
   merge = lambda **o: dataclasses.replace(best, options=tuple({**dict(best.options), **o}.items()))
-  if best.contestant == 'kfax':
+  if best.contestant in KFAX:
     return [merge(stats_every=s, inverse_every=i) for s, i in KFAX_PERIODS[1:]]
   if best.contestant == 'shampoo':
     return [merge(roots_every=n) for n in SHAMPOO_ROOTS_EVERY[1:]]
@@ -438,6 +440,10 @@ def unit_transform(config: Config, table: kfax.LayerTable,
     return optax.chain(kfax.kfac(table, damping=config.option('damping'),
                                  inverse_every=config.option('inverse_every')),
                        optax.sgd(1.0, momentum=0.9))
+  if name == 'kfax_qm':
+    return kfax.quadratic_model(kfax.kfac(table, damping=config.option('damping'),
+                                          inverse_every=config.option('inverse_every'),
+                                          norm_constraint=None))
   raise ValueError(name)
 
 
@@ -471,19 +477,27 @@ def compile_steps(task: Task, config: Config, table: kfax.LayerTable,
   """Compiles the plain step (and for kfax the statistics step) of `config`'s family."""
   begin = time.perf_counter()
   tx = transform(config, table, peers)
-  is_kfax = config.contestant == 'kfax'
-  extra = {'stats': None} if is_kfax else {}
+  is_kfax = config.contestant in KFAX
   grad_fn = kfax.value_grad_and_stats(task.loss, has_aux=True, fisher='mc')
 
+  def extra(params, rest, batch):  # the quadratic model's products and loss of this batch
+    if config.contestant != 'kfax_qm':
+      return {}
+    return {'gauss_newton': grad_fn.gauss_newton(params, rest, *batch),
+            'loss': lambda p: task.loss(p, rest, *batch)}
+
   def plain(params, rest, opt_state, *batch):
-    (loss, rest), grads = jax.value_and_grad(task.loss, has_aux=True)(params, rest, *batch)
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
-    return optax.apply_updates(params, updates), rest, opt_state, loss
+    (loss, new_rest), grads = jax.value_and_grad(task.loss, has_aux=True)(params, rest, *batch)
+    updates, opt_state = tx.update(grads, opt_state, params, **({'stats': None} if is_kfax else {}),
+                                   **extra(params, rest, batch))
+    return optax.apply_updates(params, updates), new_rest, opt_state, loss
 
   def with_stats(params, rest, opt_state, key, i, *batch):
-    (loss, rest), grads, stats = grad_fn(params, rest, *batch, rng=jax.random.fold_in(key, i))
-    updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
-    return optax.apply_updates(params, updates), rest, opt_state, loss
+    (loss, new_rest), grads, stats = grad_fn(params, rest, *batch,
+                                             rng=jax.random.fold_in(key, i))
+    updates, opt_state = tx.update(grads, opt_state, params, stats=stats,
+                                   **extra(params, rest, batch))
+    return optax.apply_updates(params, updates), new_rest, opt_state, loss
 
   params, rest = task.init(0)
   state = init_state(tx, params)
@@ -747,8 +761,10 @@ def fmt_list(values: list[float], spec: str) -> str:
 
 
 def peer_ratio(r: dict[str, Any], rows: list[dict[str, Any]]) -> float:
-  """`r`'s median seconds over the fastest other contestant's (inf if either never arrived)."""
-  others = [o['median_seconds'] for o in rows if o is not r]
+  """`r`'s median seconds over the fastest other contestant's (inf if either never arrived);
+  the kfax variants are not each other's peers."""
+  others = [o['median_seconds'] for o in rows
+            if o is not r and not (r['contestant'] in KFAX and o['contestant'] in KFAX)]
   best = min(others, default=math.inf)
   if not (math.isfinite(r['median_seconds']) and math.isfinite(best)):
     return math.inf
@@ -786,19 +802,21 @@ def verdict(name: str, result: dict[str, Any]) -> str:
   """One plain sentence: who won, and where kfax stands."""
   rows = result['race']
   winner = rows[0]
-  k = next((r for r in rows if r['contestant'] == 'kfax'), None)
+  k = next((r for r in rows if r['contestant'] in KFAX), None)  # the faster kfax variant
   if not math.isfinite(winner['median_seconds']):
     return f'**{name}: no contestant reached the target in the median.**'
   text = (f'**{name}: fastest is {winner["contestant"]}** ({fmt(winner["median_seconds"], ".3f")}'
           f' s, {fmt(winner["median_steps"], ".0f")} steps).')
   if k is None or k is winner:
     if k is not None and len(rows) > 1:
-      text += (f' kfax is fastest, {fmt(peer_ratio(k, rows), ".2f")}x the seconds of the next'
-               f' ({rows[1]["contestant"]}).')
+      peer = next(r for r in rows if r['contestant'] not in KFAX)
+      text += (f' kfax is fastest, {fmt(peer_ratio(k, rows), ".2f")}x the seconds of the'
+               f' fastest peer ({peer["contestant"]}).')
     return text
   fewest = min(r['median_steps'] for r in rows)
   who = ', '.join(r['contestant'] for r in rows if r['median_steps'] == fewest)
-  return text + (f' **kfax is not the fastest here**: {fmt(k["median_seconds"], ".3f")} s and'
+  return text + (f' **kfax is not the fastest here**: {k["contestant"]}'
+                 f' {fmt(k["median_seconds"], ".3f")} s and'
                  f' {fmt(k["median_steps"], ".0f")} steps, {fmt(peer_ratio(k, rows), ".2f")}x'
                  f' the seconds of {winner["contestant"]}; fewest steps: {who}'
                  f' ({fmt(fewest, ".0f")}).')
@@ -879,10 +897,10 @@ def named(tasks: list[str]) -> str:
 
 def summary(results: dict[str, Any]) -> list[str]:
   """One verdict per task, and the count of tasks kfax wins."""
-  wins = [n for n, r in results.items() if r['race'][0]['contestant'] == 'kfax'
+  wins = [n for n, r in results.items() if r['race'][0]['contestant'] in KFAX
           and math.isfinite(r['race'][0]['median_seconds'])]
   fewest = [n for n, r in results.items() if any(
-      x['contestant'] == 'kfax' and x['median_steps'] == min(y['median_steps'] for y in r['race'])
+      x['contestant'] in KFAX and x['median_steps'] == min(y['median_steps'] for y in r['race'])
       and math.isfinite(x['median_steps']) for x in r['race'])]
   lines = ['## Verdict', '',
            f'kfax is the fastest to the target (median seconds) on {len(wins)} of {len(results)}'
@@ -921,7 +939,7 @@ def median_run(r: dict[str, Any]) -> dict[str, Any]:
 
 
 COLORS = dict(zip(CONTESTANTS, ('tab:blue', 'tab:orange', 'tab:purple', 'tab:brown', 'tab:red',
-                                'tab:green')))
+                                'tab:green', 'tab:olive')))
 
 
 def panel(ax: Any, name: str, result: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -44,13 +44,34 @@ class _Mark(NamedTuple):
   output: jax.Array
   sampled_cotangent: Callable[[jax.Array, jax.Array], jax.Array]
   examples: jax.Array
+  curvature: Callable[[jax.Array, jax.Array], jax.Array] | None  # (z, u) -> Hessian of loss @ u
 
 
-def mark_output(output: jax.Array, sampled_cotangent: Callable, examples: Any) -> None:
-  """Called by kfax losses: a model output, its MC cotangent and the loss's number of examples."""
+def mark_output(output: jax.Array, sampled_cotangent: Callable, examples: Any,
+                curvature: Callable | None = None) -> None:
+  """Called by kfax losses: a model output, its MC cotangent, the loss's number of examples and
+  its Hessian-vector product in the output."""
   stack = getattr(_local, 'stack', [])
   if stack:
-    stack[-1].marks.append(_Mark(output, sampled_cotangent, jnp.asarray(examples, jnp.float32)))
+    stack[-1].marks.append(_Mark(output, sampled_cotangent, jnp.asarray(examples, jnp.float32),
+                                 curvature))
+
+
+class _Marks:
+  """A capture that only collects the marked outputs (for Gauss-Newton products)."""
+
+  def __init__(self) -> None:
+    self.marks: list[_Mark] = []
+
+
+@contextlib.contextmanager
+def _marking() -> Iterator[_Marks]:
+  stack = _local.__dict__.setdefault('stack', [])
+  stack.append(_Marks())
+  try:
+    yield stack[-1]
+  finally:
+    stack.pop()
 
 
 class _Record:
@@ -592,5 +613,39 @@ def value_grad_and_stats(
     stats = {**_combine(table, raw, examples), **_diagonal(table, sampled, examples)}
     return ((loss, aux) if has_aux else loss), grads, stats
 
+  def gauss_newton(x: Any, *args: Any, rng: jax.Array | None = None,
+                   **kwargs: Any) -> Callable[[Sequence[Any]], jax.Array]:
+    """`gram(tangents) -> (k, k)`: the Gauss-Newton (= Fisher, for kfax's losses) products
+    `vᵢᵀ G vⱼ` of the loss at these params (or model) and arguments, for k tangents shaped like
+    the gradients. G = Σ Jᵀ H J over the marked outputs, with J their Jacobian in the params and
+    H the mean loss's Hessian in them; one linearization, a Jacobian-vector product per
+    tangent. `rng` reaches a loss that takes one, as in the call itself."""
+    if takes_rng:
+      kwargs['rng'] = rng
+    front = _front(x, args, kwargs)
+    marks: list[_Mark] = []
+
+    def outputs(p):
+      with _marking() as found:
+        front.apply(loss_fn, p, front.state, None, args, kwargs)
+      marks[:] = found.marks
+      return [m.output for m in found.marks]
+
+    z, jvp = jax.linearize(outputs, front.params)
+    if not marks:
+      raise ValueError(
+          'kfax.value_grad_and_stats(...).gauss_newton needs the loss to be built from'
+          ' kfax.softmax_cross_entropy, kfax.sigmoid_binary_cross_entropy or kfax.squared_error,'
+          ' whose Hessians in the model outputs it multiplies by.')
+
+    def gram(tangents: Sequence[Any]) -> jax.Array:
+      ju = [jvp(t) for t in tangents]
+      hju = [[m.curvature(zm, u) for m, zm, u in zip(marks, z, j)] for j in ju]
+      dot = lambda a, b: sum(jnp.vdot(x, y) for x, y in zip(a, b))
+      return jnp.stack([jnp.stack([dot(a, hb) for hb in hju]) for a in ju])
+
+    return gram
+
   value_grad_stats.layers = layers
+  value_grad_stats.gauss_newton = gauss_newton
   return value_grad_stats

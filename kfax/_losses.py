@@ -82,13 +82,21 @@ def _mark(
 ) -> None:
   """Registers `logits` with the active capture. The MC cotangent is d loss(z, y~p(z)) / dz, with
   `loss_of_targets` the same masked mean as the loss: zero at masked examples, and scaled by
-  1 / examples like the loss's own gradient."""
+  1 / examples like the loss's own gradient. `curvature(z, u)` is that mean's Hessian in z
+  applied to u (the Gauss-Newton products of `value_grad_and_stats(...).gauss_newton`)."""
 
   def sampled_cotangent(key: jax.Array, z: jax.Array) -> jax.Array:
     targets = sample_targets(key, _kept(jax.lax.stop_gradient(z), where))
     return jax.grad(lambda zz: loss_of_targets(zz, targets))(z)
 
-  _capture.mark_output(logits, sampled_cotangent, examples)
+  def curvature(z: jax.Array, u: jax.Array) -> jax.Array:
+    # The loss's Hessian in its outputs, which for these canonical-link losses is the output
+    # Fisher and does not depend on the targets (zeros stand in for them).
+    shape = jax.eval_shape(sample_targets, jax.random.key(0), z)
+    targets = jnp.zeros(shape.shape, shape.dtype)
+    return jax.jvp(jax.grad(lambda zz: loss_of_targets(zz, targets)), (z,), (u,))[1]
+
+  _capture.mark_output(logits, sampled_cotangent, examples, curvature)
 
 
 def _sample_categorical(key: jax.Array, logits: jax.Array) -> jax.Array:

@@ -12,17 +12,23 @@ from kfax import _capture
 from utils import assert_close
 
 
+CURVATURES = []
+
+
 @pytest.fixture(autouse=True)
 def marks(monkeypatch):
-  """Records every `_capture.mark_output(logits, sampled_cotangent, examples)` call as a tuple,
-  checking the contract: `examples` is a float32 scalar. Autouse, so that the losses are tested
+  """Records every `_capture.mark_output(logits, sampled_cotangent, examples, curvature)` call
+  as a tuple `(logits, sampled_cotangent, examples)`, checking the contract: `examples` is a
+  float32 scalar. `curvature` goes to `CURVATURES`. Autouse, so that the losses are tested
   independently of the capture."""
   calls = []
+  CURVATURES.clear()
 
-  def mark_output(logits, sampled_cotangent, examples):
-    assert callable(sampled_cotangent)
+  def mark_output(logits, sampled_cotangent, examples, curvature):
+    assert callable(sampled_cotangent) and callable(curvature)
     assert jnp.shape(examples) == () and jnp.result_type(examples) == jnp.float32
     calls.append((logits, sampled_cotangent, examples))
+    CURVATURES.append(curvature)
 
   monkeypatch.setattr(_capture, 'mark_output', mark_output)
   return calls
@@ -205,6 +211,30 @@ def test_masked_mc_cotangents_are_zero_where_masked_and_have_the_fisher_elsewher
     second_moment = float(examples) ** 2 * draws[:, i].T @ draws[:, i] / draws.shape[0]
     exact = fisher(np.asarray(z[i]))
     assert np.linalg.norm(second_moment - exact) < 0.03 * np.linalg.norm(exact), i
+
+
+@pytest.mark.parametrize('loss, fisher', [
+    (lambda z, w: kfax.softmax_cross_entropy(z, jnp.ones(z.shape[:-1], int), where=w),
+     _softmax_fisher),
+    (lambda z, w: kfax.sigmoid_binary_cross_entropy(z, jnp.full(z.shape, 0.3), where=w),
+     _sigmoid_fisher),
+    (lambda z, w: kfax.squared_error(z, jnp.full(z.shape, 2.0), where=w), lambda z: np.eye(3)),
+], ids=['softmax', 'sigmoid', 'squared'])
+def test_curvature_is_the_hessian_of_the_mean_loss_in_the_outputs(loss, fisher, marks, x64):
+  """`curvature(z, u)` = (the loss's Hessian in z) u, in float64 against `jax.hessian` of the
+  loss itself and against the output Fisher / examples at kept rows (0 at the masked one)."""
+  z = jnp.array([[0.5, -1.0, 2.0], [0.1, 0.2, 0.3], [1.5, 0.0, -0.5], [-2.0, 1.0, 0.3]])
+  where = jnp.array([True, False, True, True])
+  loss(z, where)
+  (curvature,) = CURVATURES
+  hessian = np.asarray(jax.hessian(lambda zz: loss(zz, where))(z)).reshape(12, 12)
+  basis = np.eye(12).reshape(12, 4, 3)
+  got = np.stack([np.asarray(curvature(z, jnp.asarray(u))).ravel() for u in basis], axis=1)
+  assert_close(got, hessian, atol=1e-12)
+  expect = np.zeros((12, 12))
+  for i in (0, 2, 3):
+    expect[3 * i:3 * i + 3, 3 * i:3 * i + 3] = fisher(np.asarray(z[i])) / 3.0
+  assert_close(got, expect, atol=1e-12)
 
 
 def test_input_errors():
