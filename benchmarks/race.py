@@ -20,7 +20,12 @@ Contestants (each tuned on a learning-rate grid):
   (factored damping, norm constraint 1e-3, EMA 0.95: kfac's defaults) with statistics (MC
   Fisher, `kfax.value_grad_and_stats(loss, fisher='mc')`, passed as `stats=`) every `s` steps and
   plain `jax.value_and_grad` steps with `stats=None` in between; d in {1e-4, 1e-3} with
-  (s, i) = (5, 10), then (s, i) in {(1, 10), (10, 20)} in the second stage.
+  (s, i) = (5, 10), then (s, i) in {(1, 10), (10, 20)} in the second stage;
+- `kfax_qm`: `kfax.quadratic_model(kfax.kfac(table, damping=d, inverse_every=i,
+  norm_constraint=None))`, with no learning rate and no momentum to tune (the quadratic model
+  chooses both every step, and adapts its own damping from initial_damping 1); the same
+  damping and period grid as `kfax`. Its steps also compute the Gauss-Newton products (two
+  Jacobian-vector products) and, every 5 steps, the loss before and after the update.
 
 Shampoo and PSGD are optional (`pip install -e ".[race]"`): a contestant whose package does not
 import is skipped with a printed line and listed in the results. Both need small aliases for
@@ -872,6 +877,10 @@ CONTESTANT_NOTES = [
     '- kfax: `optax.chain(kfax.kfac(table, damping=d, inverse_every=i), optax.sgd(lr,'
     ' momentum=0.9))` (factored damping, norm constraint 1e-3), MC-Fisher statistics every'
     ' `stats_every` steps.',
+    '- kfax_qm: `kfax.quadratic_model(kfax.kfac(table, damping=d, inverse_every=i,'
+    ' norm_constraint=None))`: learning rate and momentum from the quadratic model with exact'
+    ' Gauss-Newton products, its damping adapted by the Levenberg-Marquardt rule from 1; no'
+    ' learning-rate grid (lr 1 is the model\'s own step).',
 ]
 
 

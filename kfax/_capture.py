@@ -229,9 +229,9 @@ def _name(module: Any) -> str:
 
 
 def current() -> _Trace | None:
-  """The trace of the loss being run, if any."""
+  """The trace of the loss being run, if any (not a `_marking` capture, which taps nothing)."""
   stack = getattr(_local, 'stack', [])
-  return stack[-1] if stack else None
+  return stack[-1] if stack and isinstance(stack[-1], _Trace) else None
 
 
 def _diagonal_sides(acc: dict[str, jax.Array]) -> tuple[bool, bool]:
@@ -521,6 +521,8 @@ def value_grad_and_stats(
     `optimizer.update(model, grads, stats=stats)`). `rng` is the MC key; a `loss_fn` that takes
     an `rng` argument itself receives it too, and the MC sampling uses a key folded from it. N, the number of examples, comes from the kfax loss (the positions `where` is true), or
     else is the leading axis of the first array among `args`.
+    `f.gauss_newton(params_or_model, *args, rng=None, **kwargs)` returns `gram(tangents)`, the
+    exact Gauss-Newton products `vᵢᵀ G vⱼ` of the loss on that batch (for `kfax.quadratic_model`).
   """
   if fisher not in FISHER_TYPES:
     raise ValueError(
@@ -639,7 +641,17 @@ def value_grad_and_stats(
           ' whose Hessians in the model outputs it multiplies by.')
 
     def gram(tangents: Sequence[Any]) -> jax.Array:
-      ju = [jvp(t) for t in tangents]
+      primals, structure = jax.tree.flatten(front.params)
+
+      def cast(tangent):  # the params' structure (an NNX State of Params) and dtypes
+        leaves = jax.tree.leaves(tangent)
+        if len(leaves) != len(primals):
+          raise ValueError(
+              f'kfax gauss_newton: a tangent has {len(leaves)} arrays, the params'
+              f' {len(primals)}; pass trees shaped like the gradients.')
+        return jax.tree.unflatten(structure, [v.astype(p.dtype) for v, p in zip(leaves, primals)])
+
+      ju = [jvp(cast(t)) for t in tangents]
       hju = [[m.curvature(zm, u) for m, zm, u in zip(marks, z, j)] for j in ju]
       dot = lambda a, b: sum(jnp.vdot(x, y) for x, y in zip(a, b))
       return jnp.stack([jnp.stack([dot(a, hb) for hb in hju]) for a in ju])
