@@ -281,3 +281,73 @@ def random_batch(name: str, config: ModelConfig, key: jax.Array) -> tuple[jax.Ar
 def batch_shapes(name: str, config: ModelConfig) -> tuple[jax.ShapeDtypeStruct, ...]:
   """Shapes and dtypes of `random_batch`'s (x, y), without making them."""
   return jax.eval_shape(lambda k: random_batch(name, config, k), jax.random.key(0))
+
+
+# ------------------------------------------------- small models of race.py and coverage.py
+
+
+class Block(nn.Module):
+  """Pre-LayerNorm transformer block: causal self-attention, then a GELU MLP, both residual."""
+
+  width: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    h = nn.LayerNorm()(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(h, h, mask=mask)
+    h = nn.LayerNorm()(x)
+    h = nn.Dense(4 * self.width, name='up')(h)
+    return x + nn.Dense(self.width, name='down')(nn.gelu(h))
+
+
+class TinyLM(nn.Module):
+  """Causal transformer LM with learned positions and a tied output layer (`Embed.attend`)."""
+
+  vocab: int
+  length: int
+  width: int = 32
+  depth: int = 2
+  heads: int = 2
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    embed = nn.Embed(self.vocab, self.width)
+    pos = self.param('pos', nn.initializers.normal(0.02), (self.length, self.width))
+    x = embed(tokens) + pos[:tokens.shape[-1]]
+    mask = nn.make_causal_mask(tokens)
+    for _ in range(self.depth):
+      x = Block(self.width, self.heads)(x, mask)
+    return embed.attend(nn.LayerNorm()(x))
+
+
+class ResBlock(nn.Module):
+  """conv-BN-ReLU-conv-BN plus the input (a 1x1 conv+BN projection where the shape changes)."""
+
+  channels: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+    h = nn.Conv(self.channels, (3, 3), self.stride, use_bias=False)(x)
+    h = nn.relu(norm()(h))
+    h = norm()(nn.Conv(self.channels, (3, 3), use_bias=False)(h))
+    if self.stride != 1 or x.shape[-1] != self.channels:
+      x = norm()(nn.Conv(self.channels, (1, 1), self.stride, use_bias=False)(x))
+    return nn.relu(x + h)
+
+
+class DigitsResNet(nn.Module):
+  """Stem conv 16 + BN, blocks 16, 32 (stride 2), 32, global average pool, Dense."""
+
+  classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = nn.Conv(16, (3, 3), use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    x = ResBlock(16)(x, train)
+    x = ResBlock(32, 2)(x, train)
+    x = ResBlock(32)(x, train)
+    return nn.Dense(self.classes)(x.mean(axis=(1, 2)))

@@ -74,8 +74,8 @@ def _load(name: str, path: Path) -> Any:
 
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
-coverage = _load('kfax_coverage_benchmark', ROOT / 'benchmarks' / 'coverage.py')  # kfax_source
-digits = coverage.time_to_accuracy.digits  # examples/digits.py, loaded once
+race = _load('kfax_race_benchmark', ROOT / 'benchmarks' / 'race.py')  # kfax_source
+digits = race.digits  # examples/digits.py, loaded once
 
 DEFAULTS = digits.KFAC_DEFAULTS
 BLOCK = math.lcm(DEFAULTS['stats_every'], DEFAULTS['inverse_every'])  # steps; step 0 refreshes
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   start = time.perf_counter()
   env = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-         'load_start': os.getloadavg()[0], 'source': coverage.kfax_source()}
+         'load_start': os.getloadavg()[0], 'source': race.kfax_source()}
   print(f'jax {jax.__version__}, flax {flax.__version__}, kfax {kfax.__version__} on'
         f' {jax.devices()[0].device_kind}, {env["date"]}', flush=True)
   data = digits.load_data()

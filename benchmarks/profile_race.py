@@ -1,12 +1,13 @@
 """Where a kfax step's time goes on each race model (`race.py`), beside SGD's and Adam's.
 
-For each task, with kfax's best configuration of the race (`results/race.json`; `--defaults`
-for `kfax.kfac`'s defaults with statistics every 5 steps):
+For each task, with the best configuration of each contestant in the race (`--race_json`,
+default `results/race.json`; `--defaults` for `kfax.kfac`'s defaults with statistics every 5
+steps):
 
-- **in situ**: the race's own compiled steps (`race.compile_steps`, state donated), run through
-  `--cycles` periods of the race's schedule, each step timed alone (`block_until_ready`); the
-  median of each kind of kfax step (plain, with statistics, with a refresh), the schedule's mean
-  (the amortized step), and SGD's and Adam's steps the same way;
+- **in situ**: the race's own compiled steps (`race.compile_steps`, state donated) of SGD, Adam,
+  kfax and kfax_qm, run through `--cycles` periods of the race's schedule, each step timed alone
+  (`block_until_ready`); the median of each kind of step (plain, with statistics, with a
+  refresh) and the schedule's mean (the amortized step);
 - **stages**, each jitted alone on the same model and batch (`profile_stages.stage_times`):
   forward+backward, the A/G statistics, the MC backward, the factor EMA, preconditioning and the
   refresh.
@@ -42,20 +43,15 @@ import race  # noqa: E402
 KINDS = ('plain', 'stats', 'refresh', 'stats+refresh')
 
 
-def best_config(name: str, defaults: bool) -> race.Config:
-  """kfax's race config on task `name`, or the defaults (lr from the race) with `defaults`."""
-  rows = json.loads((race.RESULTS / 'race.json').read_text())['results'][name]['race']
-  row = next(r for r in rows if r['contestant'] == 'kfax')
-  config = race.to_config(row)
+def race_configs(name: str, path: Path, defaults: bool) -> dict[str, race.Config]:
+  """The race's best config of each contestant on task `name` (from the race JSON at `path`);
+  with `defaults`, kfax gets `kfax.kfac`'s defaults and statistics every 5 steps instead."""
+  rows = json.loads(path.read_text())['results'][name]['race']
+  configs = {r['contestant']: race.to_config(r) for r in rows}
   if defaults:
-    config = race.Config('kfax', config.lr,
-                         (('damping', 1e-4), ('stats_every', 5), ('inverse_every', 10)))
-  return config
-
-
-def peer_config(name: str, contestant: str) -> race.Config:
-  rows = json.loads((race.RESULTS / 'race.json').read_text())['results'][name]['race']
-  return race.to_config(next(r for r in rows if r['contestant'] == contestant))
+    configs['kfax'] = race.Config('kfax', configs['kfax'].lr, (
+        ('damping', 1e-4), ('stats_every', 5), ('inverse_every', 10)))
+  return configs
 
 
 def step_times(arena: race.Arena, config: race.Config, cycles: int) -> dict[str, Any]:
@@ -91,35 +87,35 @@ def step_times(arena: race.Arena, config: race.Config, cycles: int) -> dict[str,
 def profile(name: str, args: argparse.Namespace) -> dict[str, Any]:
   task = race.TASKS[name]()
   arena = race.Arena(task, {})
-  kfax_config = best_config(name, args.defaults)
-  out = {'kfax_config': kfax_config.label(), 'steps': {}}
-  for contestant in ('sgd', 'adam'):
-    out['steps'][contestant] = step_times(arena, peer_config(name, contestant), args.cycles)
-  out['steps']['kfax'] = step_times(arena, kfax_config, args.cycles)
+  configs = race_configs(name, Path(args.race_json), args.defaults)
+  timed = [c for c in ('sgd', 'adam', 'kfax', 'kfax_qm') if c in configs]
+  out = {'configs': {c: configs[c].label() for c in timed},
+         'steps': {c: step_times(arena, configs[c], args.cycles) for c in timed}}
   params, rest = task.init(0)
   batch = tuple(a[0] for a in task.batches(0, 1))
   out['stages'] = profile_stages.stage_times(
       task.loss, params, rest, batch, args.stage_steps,
-      damping=kfax_config.option('damping'), inverse_every=100)
+      damping=configs['kfax'].option('damping'), inverse_every=100)
   return out
 
 
 def markdown(results: dict[str, Any], command: str, tag: str) -> str:
   lines = [f'# kfax step profile on the race models ({tag})', '',
            f'`{command}`; jax {jax.__version__}, {os.cpu_count()} cores, '
-           f'load average {os.getloadavg()[0]:.1f}. Milliseconds (median of each kind of step;'
-           ' "amortized" is the mean over the schedule).', '',
-           '## In situ: the race\'s compiled steps', '',
-           '| task | kfax config | SGD | Adam | kfax plain | stats | refresh | stats+refresh |'
-           ' kfax amortized | x SGD | x Adam |', '|---|---|---|---|---|---|---|---|---|---|---|']
+           f'load average {os.getloadavg()[0]:.1f}. Milliseconds: the median of each kind of'
+           ' step, and the mean over the schedule (the amortized step).', '',
+           "## In situ: the race's compiled steps", '',
+           '| task | contestant (race config) | plain | stats | refresh | stats+refresh | mean |'
+           ' x SGD | x Adam |', '|---|---|---|---|---|---|---|---|---|']
   ms = lambda v: f'{v * 1e3:.2f}' if v is not None else '-'
   for name, r in results.items():
     st = r['steps']
-    k, sgd, adam = st['kfax'], st['sgd']['mean'], st['adam']['mean']
-    lines.append(f'| {name} | {r["kfax_config"]} | {ms(sgd)} | {ms(adam)} | '
-                 + ' | '.join(ms(k.get(kind)) for kind in KINDS)
-                 + f' | {ms(k["mean"])} | {k["mean"] / sgd:.2f} | {k["mean"] / adam:.2f} |')
-  lines += ['', '## Stages, each jitted alone (`profile_stages.py`)', '',
+    for c, label in r['configs'].items():
+      t = st[c]
+      lines.append(f'| {name} | {label} | ' + ' | '.join(ms(t.get(kind)) for kind in KINDS)
+                   + f' | {ms(t["mean"])} | {t["mean"] / st["sgd"]["mean"]:.2f} |'
+                   f' {t["mean"] / st["adam"]["mean"]:.2f} |')
+  lines += ['', '## Stages of a kfax step, each jitted alone (`profile_stages.py`)', '',
             '| task | ' + ' | '.join(profile_stages.STAGES) + ' |',
             '|---|' + '---|' * len(profile_stages.STAGES)]
   for name, r in results.items():
@@ -134,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument('--cycles', type=int, default=6, help='timed periods of the schedule')
   p.add_argument('--stage_steps', type=int, default=20)
   p.add_argument('--defaults', action='store_true', help="kfax.kfac's defaults, not the race's")
+  p.add_argument('--race_json', default=str(race.RESULTS / 'race.json'),
+                 help='the race whose best configs are profiled')
   p.add_argument('--tag', default='before', help="results/profile_race[_TAG].md ('before': none)")
   args = p.parse_args(argv)
   results = {name: profile(name, args) for name in args.tasks.split(',')}

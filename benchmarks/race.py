@@ -39,12 +39,12 @@ Tasks (data that ships with scikit-learn or with Python; nothing is downloaded):
 - `autoencoder`: a 64-256-128-32-128-256-64 tanh autoencoder (linear code layer, logits out,
   `kfax.sigmoid_binary_cross_entropy` on pixels in [0, 1]) on the digits images, batch 128, at
   most 600 steps; target: test reconstruction MSE of sigmoid(logits) <= AE_TARGET (from a pilot);
-- `lm`: a byte-level causal transformer (`coverage.TinyLM`: learned positions, 2 pre-LayerNorm
+- `lm`: a byte-level causal transformer (`models.TinyLM`: learned positions, 2 pre-LayerNorm
   blocks of 4-head attention and a GELU MLP, width 64, tied `Embed.attend` output; vocabulary
   256) on the standard library's top-level `*.py` files sorted by name, the first 1.5 MB: the
   first 90% trains (random windows of 64, batch 16), the last 10% validates (128 fixed windows);
   target: validation loss <= LM_TARGET bits per char (from a pilot), at most 500 steps;
-- `resnet`: `coverage.py`'s BatchNorm `DigitsResNet` and its task (batch 64, at most 300 steps),
+- `resnet`: the BatchNorm `models.DigitsResNet` on the digits (batch 64, at most 300 steps),
   target 97% test accuracy.
 
 Method. The learning rate lives in the optimizer state: each optimizer is built at rate 1 and
@@ -114,7 +114,7 @@ import optax
 import kfax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import coverage  # noqa: E402  (DigitsResNet's task, TinyLM, kfax_source)
+import models  # noqa: E402  (TinyLM, DigitsResNet)
 import time_to_accuracy  # noqa: E402  (the digits example, loaded by load_digits_example())
 
 digits = time_to_accuracy.digits
@@ -297,7 +297,7 @@ def lm_task(max_steps: int = 500, batch_size: int = 16, width: int = 64) -> Task
   split = int(0.9 * len(text))
   train, valid = text[:split], text[split:]
   test = windows(valid, np.linspace(0, len(valid) - LM_CONTEXT - 1, 128).astype(np.int64))
-  model = coverage.TinyLM(vocab=256, length=LM_CONTEXT, width=width, depth=2, heads=4)
+  model = models.TinyLM(vocab=256, length=LM_CONTEXT, width=width, depth=2, heads=4)
 
   def init(seed):
     return model.init(jax.random.key(seed), test[0][:1])['params'], {}
@@ -321,11 +321,25 @@ def lm_task(max_steps: int = 500, batch_size: int = 16, width: int = 64) -> Task
               LM_TARGET, max_steps, batch_size, init, loss, bits, batches, test)
 
 
-def resnet_task(max_steps: int = 300) -> Task:
-  """`coverage.digits_resnet_task`, target 97% test accuracy."""
-  c = coverage.digits_resnet_task(max_steps=max_steps)
-  return Task('resnet', c.description, 'test accuracy', True, c.target, c.max_steps,
-              c.batch_size, c.init, c.loss, c.accuracy, c.batches, c.test)
+def resnet_task(max_steps: int = 300, batch_size: int = 64) -> Task:
+  """`models.DigitsResNet` (BatchNorm, `batch_stats` mutable in training, running averages in
+  evaluation) on the digits split of `examples/digits.py`, target 97% test accuracy."""
+  model, data = models.DigitsResNet(), digits.load_data()
+
+  def init(seed):
+    variables = model.init(jax.random.key(seed), data['x_test'][:1], False)
+    return variables['params'], {'batch_stats': variables['batch_stats']}
+
+  def loss(params, rest, x, y):
+    logits, new = model.apply({'params': params, **rest}, x, True, mutable=['batch_stats'])
+    return kfax.softmax_cross_entropy(logits, y), new
+
+  def accuracy(params, rest, x, y):
+    return jnp.mean(jnp.argmax(model.apply({'params': params, **rest}, x, False), -1) == y)
+
+  return Task('resnet', 'BatchNorm ResNet (7 convs) on digits 8x8', 'test accuracy', True, 0.97,
+              max_steps, batch_size, init, loss, accuracy, digits_batches(data, batch_size),
+              (data['x_test'], data['y_test']))
 
 
 TASKS: dict[str, Callable[..., Task]] = {
@@ -848,13 +862,26 @@ def cpu_model() -> str:
     return platform.processor() or 'unknown'
 
 
+def kfax_source() -> dict[str, Any]:
+  """Which kfax ran: the commit, whether kfax/ differs from it, and a digest of its sources."""
+  files = sorted((ROOT / 'kfax').glob('*.py'))
+  out = {'sha256_12': hashlib.sha256(b''.join(f.read_bytes() for f in files)).hexdigest()[:12]}
+  git = lambda *a: subprocess.run(['git', *a], cwd=ROOT, capture_output=True, text=True).stdout
+  try:
+    out.update(commit=git('rev-parse', '--short', 'HEAD').strip(),
+               modified=bool(git('status', '--porcelain', '--', 'kfax').strip()))
+  except OSError:
+    pass
+  return out
+
+
 def environment() -> dict[str, Any]:
   """Date, versions, machine and load, and which kfax and LM text ran."""
   return {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
           'jax': jax.__version__, 'optax': optax.__version__, 'kfax': kfax.__version__,
           'python': platform.python_version(), 'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
           'device_kind': jax.devices()[0].device_kind, 'load_average_start': os.getloadavg()[0],
-          'kfax_source': coverage.kfax_source(),
+          'kfax_source': kfax_source(),
           'lm_text_sha256_12': hashlib.sha256(stdlib_bytes().tobytes()).hexdigest()[:12]}
 
 
@@ -971,12 +998,8 @@ def panel(ax: Any, name: str, result: dict[str, Any]) -> None:
 
 def plot(results: dict[str, Any], path: Path) -> bool:
   """Metric against training seconds, one panel per task."""
-  try:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print('matplotlib not installed: no plot')
+  plt = time_to_accuracy.pyplot()
+  if plt is None:
     return False
   cols = min(3, len(results))
   rows = -(-len(results) // cols)

@@ -107,8 +107,8 @@ def bench(name: str, args: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> list[str]:
-  head = (f'| model | SGD ms | together: median / slowest / mean ms | staggered: median / slowest'
-          f' / mean ms | slowest, staggered / together |')
+  head = ('| model | SGD ms | together: median / slowest / mean ms | staggered: median / slowest'
+          ' / mean ms | slowest, staggered / together |')
   lines = [head, '|' + '---|' * 5]
   for r in rows:
     cells = [f'{r[k]["median_s"] * 1e3:.1f} / {r[k]["max_s"] * 1e3:.1f} /'

@@ -251,14 +251,22 @@ def print_table(task: Task, rows: list[dict], args: argparse.Namespace) -> None:
         f' no more seconds: {v["no_more_seconds"]}')
 
 
-def plot(results: dict[str, Any], path: Path) -> bool:
-  """Test accuracy vs training seconds, best config of each optimizer, every seed."""
+def pyplot() -> Any:
+  """matplotlib's pyplot on the Agg backend, or None (saying so) where matplotlib is missing."""
   try:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
   except ImportError:
     print('matplotlib not installed: no plot')
+    return None
+  return plt
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+  """Test accuracy vs training seconds, best config of each optimizer, every seed."""
+  plt = pyplot()
+  if plt is None:
     return False
   tasks = list(results)
   fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)

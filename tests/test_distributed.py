@@ -476,3 +476,40 @@ def test_nnx_partitioned_model_under_nnx_optimizer_matches_one_device():
     for i in range(xs.shape[0]):
       step(model, optimizer, jax.device_put((xs[i], ys[i]), batch), i % 2 == 0)
   _assert_same(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def _quadratic_step(tx, params, state, x, y, axis_name=None):
+  _, grads, stats = GRAD_FN(params, x, y)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  updates, state = tx.update(grads, state, params, stats=stats,
+                             gauss_newton=GRAD_FN.gauss_newton(params, x, y),
+                             loss=lambda p: loss_fn(p, x, y))
+  return optax.apply_updates(params, updates), state
+
+
+def test_quadratic_model_under_pmap_matches_one_device():
+  """`kfax.quadratic_model(..., axis_name=)`: 3 updates on 8 devices (Gram matrix and loss
+  reduction averaged over them) equal 1 device's, damping adapted on updates 0 and 2 included."""
+  params, xs, ys = _data()
+
+  def make(axis):
+    return kfax.quadratic_model(
+        kfax.kfac(_table(), damping=1e-2, inverse_every=2, axis_name=axis, norm_constraint=None),
+        initial_damping=0.1, adapt_every=2, axis_name=axis)
+
+  one = make(None)
+  step = jax.jit(functools.partial(_quadratic_step, one))
+  p1, s1 = params, one.init(params)
+  for x, y in zip(xs, ys):
+    p1, s1 = step(p1, s1, x, y)
+  many = make('batch')
+  step = jax.pmap(functools.partial(_quadratic_step, many, axis_name='batch'), axis_name='batch')
+  shard = lambda v: v.reshape(DEVICES, -1, *v.shape[1:])
+  pn, sn = _replicate(params), jax.pmap(many.init, axis_name='batch')(_replicate(params))
+  for x, y in zip(xs, ys):
+    pn, sn = step(pn, sn, shard(x), shard(y))
+  assert float(s1.damping) != 0.1  # the rule acted
+  np.testing.assert_allclose(np.asarray(sn.damping[0]), np.asarray(s1.damping), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b),
+                                                       rtol=2e-4, atol=2e-5), pn, p1)
