@@ -76,16 +76,23 @@ def test_gauss_newton_products_equal_the_dense_gauss_newton_matrix(x64):
   assert_close(gram, want, rtol=1e-10, atol=1e-12)
 
 
-def _step(tx, grad_fn, params, state, batch, key):
-  loss, grads, stats = grad_fn(params, *batch, rng=key)
-  updates, state = tx.update(grads, state, params, stats=stats,
-                             gauss_newton=grad_fn.gauss_newton(params, *batch),
-                             loss=lambda p: _loss(p, *batch))
-  return grads, updates, state
+def _stepper(tx, grad_fn):
+  """One update, jitted once (eager op-by-op costs seconds):
+  (params, state, batch, key) -> (grads, updates, new state)."""
+
+  @jax.jit
+  def step(params, state, batch, key):
+    _, grads, stats = grad_fn(params, *batch, rng=key)
+    updates, state = tx.update(grads, state, params, stats=stats,
+                               gauss_newton=grad_fn.gauss_newton(params, *batch),
+                               loss=lambda p: _loss(p, *batch))
+    return grads, updates, state
+
+  return step
 
 
 def test_the_update_minimizes_the_damped_quadratic_model(x64):
-  """On the third update (the previous update δ₀ ≠ 0), u = αΔ + μδ₀ with Δ the negated K-FAC
+  """The first update has μ = 0. On the third (the previous update δ₀ ≠ 0), u = αΔ + μδ₀ with Δ the negated K-FAC
   direction; with G dense (float64) and λ the state's damping before the update, the model's
   gradient (G + λI) u + g is orthogonal to Δ and δ₀, so (α, μ) minimizes it on their span:
   |(model gradient)·v| is under 1e-5 of |g·v| (the model's gradient at 0), for v = Δ, δ₀; the
@@ -95,10 +102,12 @@ def test_the_update_minimizes_the_damped_quadratic_model(x64):
   grad_fn = kfax.value_grad_and_stats(_loss)
   kfac = kfax.kfac(grad_fn.layers(params, x, y, where), damping=1e-2, norm_constraint=None)
   tx = kfax.quadratic_model(kfac, initial_damping=0.5)
-  state = tx.init(params)
+  state, step = tx.init(params), _stepper(tx, grad_fn)
   for i in range(3):
     before = state
-    grads, updates, state = _step(tx, grad_fn, params, state, (x, y, where), jax.random.key(i))
+    grads, updates, state = step(params, state, (x, y, where), jax.random.key(i))
+    if i == 0:  # no previous update: no momentum
+      assert float(state.momentum) == 0 and float(state.learning_rate) > 0
     if i < 2:
       params = optax.apply_updates(params, updates)
   flat = lambda t: np.asarray(ravel_pytree(t)[0], np.float64)
@@ -111,15 +120,6 @@ def test_the_update_minimizes_the_damped_quadratic_model(x64):
   residual = (dense + float(before.damping) * np.eye(len(u))) @ u + g
   for v in (delta, previous):
     assert abs(residual @ v) < 1e-5 * abs(g @ v), (residual @ v, g @ v)
-
-
-def test_the_first_update_has_no_momentum():
-  x, y, where = _batch()
-  params = _params(x)
-  grad_fn = kfax.value_grad_and_stats(_loss)
-  tx = kfax.quadratic_model(kfax.kfac(grad_fn.layers(params, x, y, where), norm_constraint=None))
-  _, _, state = _step(tx, grad_fn, params, tx.init(params), (x, y, where), jax.random.key(0))
-  assert float(state.momentum) == 0 and float(state.learning_rate) > 0
 
 
 @pytest.mark.parametrize('reduction, factor', [(-0.9, 0.5), (-0.5, 1.0), (-0.1, 2.0), (0.3, 2.0),
@@ -139,10 +139,10 @@ def test_damping_adapts_on_the_schedule_from_the_actual_reduction():
   grad_fn = kfax.value_grad_and_stats(_loss)
   kfac = kfax.kfac(grad_fn.layers(params, x, y, where), norm_constraint=None)
   tx = kfax.quadratic_model(kfac, initial_damping=1.0, adapt_every=2, damping_decay=0.5)
-  state = tx.init(params)
+  state, step = tx.init(params), _stepper(tx, grad_fn)
   for i in range(3):
     before = state
-    grads, updates, state = _step(tx, grad_fn, params, state, (x, y, where), jax.random.key(i))
+    grads, updates, state = step(params, state, (x, y, where), jax.random.key(i))
     new = optax.apply_updates(params, updates)
     if i % 2:
       assert float(state.damping) == float(before.damping)
@@ -209,8 +209,10 @@ def test_input_errors():
     plain.gauss_newton(params)
 
 
-def test_nnx_gauss_newton_products_equal_the_linen_twin():
-  """An NNX MLP and its linen twin with equal weights: equal Gram matrices of their gradients."""
+def test_nnx_optimizer_update_equals_the_linen_twin():
+  """An NNX MLP and its linen twin with equal weights: equal Gram matrices of their gradients,
+  and two `nnx.Optimizer` updates of `quadratic_model(kfac)` (its `loss` of the parameters'
+  `nnx.State`) move the weights as the linen updates do."""
   from flax import nnx
 
   class Twin(nnx.Module):
@@ -222,15 +224,34 @@ def test_nnx_gauss_newton_products_equal_the_linen_twin():
 
   model = Twin(nnx.Rngs(0))
   x, y, _ = _batch()
-  nnx_fn = kfax.value_grad_and_stats(lambda m, x, y: kfax.softmax_cross_entropy(m(x), y))
-  _, nnx_grads, _ = nnx_fn(model, x, y, rng=jax.random.key(1))
+  nnx_loss = lambda m, x, y: kfax.softmax_cross_entropy(m(x), y)
+  nnx_fn = kfax.value_grad_and_stats(nnx_loss)
   linen = nn.Sequential([nn.Dense(6), nn.tanh, nn.Dense(4)])
-  params = {f'layers_{i}': {'kernel': layer.kernel[...], 'bias': layer.bias[...]}
-            for i, layer in ((0, model.a), (2, model.b))}
-  linen_fn = kfax.value_grad_and_stats(
-      lambda p, x, y: kfax.softmax_cross_entropy(linen.apply({'params': p}, x), y))
+  as_linen = lambda m: {f'layers_{i}': {'kernel': layer.kernel[...], 'bias': layer.bias[...]}
+                        for i, layer in ((0, m.a), (2, m.b))}
+  params = as_linen(model)
+  linen_loss = lambda p, x, y: kfax.softmax_cross_entropy(linen.apply({'params': p}, x), y)
+  linen_fn = kfax.value_grad_and_stats(linen_loss)
+
+  _, nnx_grads, _ = nnx_fn(model, x, y, rng=jax.random.key(1))
   _, linen_grads, _ = linen_fn(params, x, y, rng=jax.random.key(1))
-  other = jax.tree.map(lambda g: jnp.cos(g), linen_grads)
-  other_nnx = jax.tree.map(lambda g: jnp.cos(g), nnx_grads)
+  other, other_nnx = (jax.tree.map(jnp.cos, g) for g in (linen_grads, nnx_grads))
   assert_close(nnx_fn.gauss_newton(model, x, y)([nnx_grads, other_nnx]),
                linen_fn.gauss_newton(params, x, y)([linen_grads, other]), rtol=1e-5, atol=1e-9)
+
+  make = lambda table: kfax.quadratic_model(kfax.kfac(table, norm_constraint=None),
+                                            initial_damping=0.5)
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  optimizer = nnx.Optimizer(model, make(nnx_fn.layers(model, x, y)), wrt=nnx.Param)
+  tx = make(linen_fn.layers(params, x, y))
+  state = tx.init(params)
+  for i in range(2):
+    _, grads, stats = nnx_fn(model, x, y, rng=jax.random.key(i))
+    optimizer.update(model, grads, stats=stats, gauss_newton=nnx_fn.gauss_newton(model, x, y),
+                     loss=lambda p: nnx_loss(nnx.merge(graphdef, p, rest), x, y))
+    _, grads, stats = linen_fn(params, x, y, rng=jax.random.key(i))
+    updates, state = tx.update(grads, state, params, stats=stats,
+                               gauss_newton=linen_fn.gauss_newton(params, x, y),
+                               loss=lambda p: linen_loss(p, x, y))
+    params = optax.apply_updates(params, updates)
+  jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-4, atol=1e-6), as_linen(model), params)
