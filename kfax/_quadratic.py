@@ -92,6 +92,16 @@ def quadratic_model(
     ICML 2015, section 7.
   """
 
+  if not initial_damping > 0:
+    raise ValueError(
+        f'kfax.quadratic_model: `initial_damping` must be > 0, got {initial_damping!r}.')
+  if not (isinstance(adapt_every, int) and adapt_every >= 1):
+    raise ValueError(
+        f'kfax.quadratic_model: `adapt_every` must be an integer >= 1, got {adapt_every!r}.')
+  if not 0 < damping_decay < 1:
+    raise ValueError(
+        f'kfax.quadratic_model: `damping_decay` must be in (0, 1), got {damping_decay!r}.')
+
   def init_fn(params: Any) -> QuadraticModelState:
     zero = lambda: jnp.zeros((), jnp.float32)
     return QuadraticModelState(jnp.zeros((), jnp.int32), preconditioner.init(params),

@@ -207,6 +207,12 @@ def test_input_errors():
                                     fisher='empirical')
   with pytest.raises(ValueError, match=r'gauss_newton needs the loss to be built from'):
     plain.gauss_newton(params)
+  kfac = kfax.kfac(grad_fn.layers(params, x, y, where))
+  for bad, match in [({'initial_damping': 0.0}, 'initial_damping` must be > 0'),
+                     ({'adapt_every': 0}, 'adapt_every` must be an integer >= 1'),
+                     ({'damping_decay': 1.0}, r'damping_decay` must be in \(0, 1\)')]:
+    with pytest.raises(ValueError, match=match):
+      kfax.quadratic_model(kfac, **bad)
 
 
 def test_nnx_optimizer_update_equals_the_linen_twin():
