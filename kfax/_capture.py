@@ -623,6 +623,10 @@ def value_grad_and_stats(
     H the mean loss's Hessian in them; one linearization, a Jacobian-vector product per
     tangent. `rng` reaches a loss that takes one, as in the call itself."""
     if takes_rng:
+      if rng is None:
+        raise ValueError(
+            'kfax.value_grad_and_stats(...).gauss_newton: the loss takes an `rng` (dropout);'
+            ' pass the rng= of this step\'s call, so that the products see its masks.')
       kwargs['rng'] = rng
     front = _front(x, args, kwargs)
     marks: list[_Mark] = []

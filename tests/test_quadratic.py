@@ -207,6 +207,11 @@ def test_input_errors():
                                     fisher='empirical')
   with pytest.raises(ValueError, match=r'gauss_newton needs the loss to be built from'):
     plain.gauss_newton(params)
+  with_rng = kfax.value_grad_and_stats(lambda p, x, y, where, rng: _loss(p, x, y, where))
+  with pytest.raises(ValueError, match=r"loss takes an `rng` \(dropout\); pass the rng="):
+    with_rng.gauss_newton(params, x, y, where)
+  gram = with_rng.gauss_newton(params, x, y, where, rng=jax.random.key(0))([grads])
+  assert_close(gram, grad_fn.gauss_newton(params, x, y, where)([grads]), rtol=1e-6)
   kfac = kfax.kfac(grad_fn.layers(params, x, y, where))
   for bad, match in [({'initial_damping': 0.0}, 'initial_damping` must be > 0'),
                      ({'adapt_every': 0}, 'adapt_every` must be an integer >= 1'),
