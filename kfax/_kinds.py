@@ -128,14 +128,22 @@ def kronecker_terms(
   positions each, B blocks. Expand treats all E*R rows as examples; reduce averages `a` and sums
   `dy` over each example's positions first. A diagonal side keeps only its diagonal. G, a sum
   over examples, is multiplied by `scale` (and by E / E_kept when `rows.stride` keeps only some)."""
-  (a, dy), kept = every(rows.stride, _f32(a), _f32(dy))
+  (a, dy), kept = every(rows.stride, a, dy)
   scale = scale * kept
   if rows.reduce:
-    a, dy = a.mean(1, keepdims=True), dy.sum(1, keepdims=True)
+    a, dy = _f32(a).mean(1, keepdims=True), _f32(dy).sum(1, keepdims=True)
   count = a.shape[0] * a.shape[1]
-  second = lambda x, d: (jnp.einsum('erbi,erbi->bi', x, x) if d
-                         else jnp.einsum('erbi,erbj->bij', x, x))
-  return {'a_factor': second(a, diag[0]) / count, 'g_factor': second(dy, diag[1]) * scale}
+  return {'a_factor': second_moment(a, diag[0]) / count,
+          'g_factor': second_moment(dy, diag[1]) * scale}
+
+
+def second_moment(x: jax.Array, diagonal: bool) -> jax.Array:
+  """Σ over examples and positions of x xᵀ per block `(E, R, B, d) -> (B, d, d)` (or its diagonal
+  `(B, d)`), accumulated and returned in float32 (float64 under x64) whatever x's dtype: bfloat16
+  activations enter the matmul as they are (their products are exact in float32), the fast path
+  of accelerators, instead of being copied to float32 first."""
+  spec = 'erbi,erbi->bi' if diagonal else 'erbi,erbj->bij'
+  return jnp.einsum(spec, x, x, preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------------

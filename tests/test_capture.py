@@ -177,6 +177,29 @@ def test_bfloat16_params_give_float32_statistics_and_state():
   assert all(np.isfinite(np.asarray(u, np.float32)).all() for u in jax.tree.leaves(updates))
 
 
+@pytest.mark.parametrize('reduce', [False, True], ids=['expand', 'reduce'])
+def test_bfloat16_statistics_multiply_bfloat16_and_accumulate_float32(reduce):
+  """`kronecker_terms` of bfloat16 rows: its matmuls take the bfloat16 operands as they are, with
+  float32 results (the accelerators' fast path; with reduce, the rows are averaged in float32
+  first), and equal the statistics of the rows copied to float32 (products of bfloat16 numbers
+  are exact in float32; only the order of the sums differs)."""
+  from kfax import _kinds
+  a = jax.random.normal(jax.random.key(0), (8, 5, 2, 7)).astype(jnp.bfloat16)
+  g = jax.random.normal(jax.random.key(1), (8, 5, 2, 3)).astype(jnp.bfloat16)
+  rows = _kinds.Rows(reduce=reduce)
+  terms = lambda a, g: _kinds.kronecker_terms(a, g, rows, (False, True))
+  dots = [e for e in jax.make_jaxpr(terms)(a, g).eqns if e.primitive.name == 'dot_general']
+  assert len(dots) == 2
+  operand = jnp.float32 if reduce else jnp.bfloat16
+  assert all(v.aval.dtype == operand for e in dots for v in e.invars)
+  assert all(e.outvars[0].aval.dtype == jnp.float32 for e in dots)
+  got, want = terms(a, g), terms(a.astype(jnp.float32), g.astype(jnp.float32))
+  for name in ('a_factor', 'g_factor'):
+    assert got[name].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_grouped_conv_has_one_kronecker_block_per_group(x64):
   """A grouped conv is `groups` independent convs: per group, A and G from that group's input
   channels (im2col) and output channels, and K-FAC inverts each block on its own."""
