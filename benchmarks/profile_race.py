@@ -12,8 +12,8 @@ steps):
   forward+backward, the A/G statistics, the MC backward, the factor EMA, preconditioning and the
   refresh.
 
-Writes `results/profile_race.{md,json}` (`--tag after` writes `profile_race_after.*`, so two
-commits' profiles sit side by side). About 2 minutes on 2 CPU cores:
+Writes `results/profile_race_after.{md,json}` (`--tag before` writes `profile_race_before.*`,
+so two commits' profiles sit side by side). About 2 minutes on 2 CPU cores:
 
     python benchmarks/profile_race.py
 """
@@ -132,14 +132,14 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument('--defaults', action='store_true', help="kfax.kfac's defaults, not the race's")
   p.add_argument('--race_json', default=str(race.RESULTS / 'race.json'),
                  help='the race whose best configs are profiled')
-  p.add_argument('--tag', default='before', help="results/profile_race[_TAG].md ('before': none)")
+  p.add_argument('--tag', default='after', help='writes results/profile_race_TAG.md and .json')
   args = p.parse_args(argv)
   results = {name: profile(name, args) for name in args.tasks.split(',')}
   command = ' '.join(['python benchmarks/profile_race.py'] + (sys.argv[1:] if argv is None
                                                                else argv))
   text = markdown(results, command, args.tag)
   print(text)
-  stem = race.RESULTS / ('profile_race' + ('' if args.tag == 'before' else f'_{args.tag}'))
+  stem = race.RESULTS / f'profile_race_{args.tag}'
   stem.with_suffix('.md').write_text(text + '\n')
   stem.with_suffix('.json').write_text(json.dumps({'command': command, 'results': results},
                                                   indent=1))
