@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_stages  # noqa: E402
@@ -57,22 +56,15 @@ def race_configs(name: str, path: Path, defaults: bool) -> dict[str, race.Config
 def step_times(arena: race.Arena, config: race.Config, cycles: int) -> dict[str, Any]:
   """Each step of `cycles` periods of the race schedule timed alone; medians per kind, mean."""
   run = arena.start(config, 0)
-  s = config.option('stats_every') or 1
   i = config.option('inverse_every') or 1
-  period = math.lcm(s, i)
+  period = math.lcm(config.option('stats_every') or 1, i)
   times: dict[str, list[float]] = {k: [] for k in KINDS}
   every: list[float] = []
-  for step in range(period * (cycles + 1)):
-    batch = tuple(a[step % arena.task.max_steps] for a in run.data)
-    stats = run.steps.stats is not None and step % s == 0
+  for step in range(period * (cycles + 1)):  # within the task's step budget (its batches)
     begin = time.perf_counter()
-    if stats:
-      out = run.steps.stats(run.params, run.rest, run.opt_state, run.key, np.int32(step), *batch)
-    else:
-      out = run.steps.plain(run.params, run.rest, run.opt_state, *batch)
-    jax.block_until_ready(out)
+    loss, stats = race.take_step(run, step)
+    jax.block_until_ready((run.params, run.rest, run.opt_state, loss))
     seconds = time.perf_counter() - begin
-    run.params, run.rest, run.opt_state, _ = out
     if step < period:  # the first period warms up
       continue
     every.append(seconds)

@@ -583,21 +583,27 @@ class Arena:
                key=jax.random.key(10_000 + seed))
 
 
+def take_step(run: Run, i: int) -> tuple[jax.Array, bool]:
+  """Step `i` of `run` on its batch `i`, in place (not waited for): a statistics step where the
+  config's `stats_every` says so. Returns the step's loss and whether it had statistics."""
+  batch = tuple(a[i] for a in run.data)
+  stats = run.steps.stats is not None and i % run.config.option('stats_every') == 0
+  if stats:
+    out = run.steps.stats(run.params, run.rest, run.opt_state, run.key, np.int32(i), *batch)
+  else:
+    out = run.steps.plain(run.params, run.rest, run.opt_state, *batch)
+  run.params, run.rest, run.opt_state, loss = out
+  return loss, stats
+
+
 def advance(run: Run, arena: Arena, n: int) -> None:
   """`n` timed steps (the clock stopped by one block_until_ready), then an untimed evaluation."""
-  task, steps = arena.task, run.steps
-  every = run.config.option('stats_every')
+  task = arena.task
   n = min(n, task.max_steps - run.step)
   loss = None
   begin = time.perf_counter()
   for i in range(run.step, run.step + n):
-    batch = tuple(a[i] for a in run.data)
-    if steps.stats is not None and i % every == 0:
-      run.params, run.rest, run.opt_state, loss = steps.stats(
-          run.params, run.rest, run.opt_state, run.key, np.int32(i), *batch)
-    else:
-      run.params, run.rest, run.opt_state, loss = steps.plain(
-          run.params, run.rest, run.opt_state, *batch)
+    loss, _ = take_step(run, i)
   jax.block_until_ready((run.params, run.rest, run.opt_state, loss))
   run.seconds += time.perf_counter() - begin
   run.step += n

@@ -644,9 +644,9 @@ def value_grad_and_stats(
           ' kfax.softmax_cross_entropy, kfax.sigmoid_binary_cross_entropy or kfax.squared_error,'
           ' whose Hessians in the model outputs it multiplies by.')
 
-    def gram(tangents: Sequence[Any]) -> jax.Array:
-      primals, structure = jax.tree.flatten(front.params)
+    primals, structure = jax.tree.flatten(front.params)
 
+    def gram(tangents: Sequence[Any]) -> jax.Array:
       def cast(tangent):  # the params' structure (an NNX State of Params) and dtypes
         leaves = jax.tree.leaves(tangent)
         if len(leaves) != len(primals):

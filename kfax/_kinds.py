@@ -338,13 +338,11 @@ def _embed_stats(spec: Spec, saved: Any, dy: jax.Array, rows: Rows,
   if rows.reduce:  # diag of (1/E) Σ_e ā ā ᵀ, ā_e the token frequencies of example e
     freq = jax.vmap(lambda t: jnp.zeros((v,), dy.dtype).at[t].add(1.0 / t.shape[0]))(tokens)
     a = jnp.mean(freq**2, axis=0)
-    s = dy.sum(1)
-    g = jnp.einsum('ei,ei->i', s, s) if diag[1] else jnp.einsum('ei,ej->ij', s, s)
+    dy = dy.sum(1, keepdims=True)
   else:
     a = jnp.zeros((v,), dy.dtype).at[tokens.ravel()].add(1.0 / tokens.size)
-    m = dy.reshape(-1, dy.shape[-1])
-    g = jnp.einsum('mi,mi->i', m, m) if diag[1] else jnp.einsum('mi,mj->ij', m, m)
-  return {'a_factor': a[None], 'g_factor': g[None] * scale}
+  g = second_moment(dy[:, :, None], diag[1])  # one block
+  return {'a_factor': a[None], 'g_factor': g * scale}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ class QuadraticModelState(NamedTuple):
 
 
 def _tree_vdot(a: Any, b: Any) -> jax.Array:
-  return sum((jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
-              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))), jnp.zeros((), jnp.float32))
+  """optax's `tree_vdot` in float32 (bfloat16 updates would round the model's coefficients)."""
+  f32 = lambda t: optax.tree_utils.tree_cast(t, jnp.float32)
+  return optax.tree_utils.tree_vdot(f32(a), f32(b))
 
 
 def coefficients(gram: jax.Array, gradient_dots: jax.Array) -> jax.Array:
@@ -102,6 +103,8 @@ def quadratic_model(
     raise ValueError(
         f'kfax.quadratic_model: `damping_decay` must be in (0, 1), got {damping_decay!r}.')
 
+  inner = optax.with_extra_args_support(preconditioner)
+
   def init_fn(params: Any) -> QuadraticModelState:
     zero = lambda: jnp.zeros((), jnp.float32)
     return QuadraticModelState(jnp.zeros((), jnp.int32), preconditioner.init(params),
@@ -119,7 +122,6 @@ def quadratic_model(
           ' kfax.value_grad_and_stats that computed the gradients) and `loss=lambda p:'
           ' loss_fn(p, *batch)`, the loss of this batch.')
     grads = updates
-    inner = optax.with_extra_args_support(preconditioner)
     direction, inner_state = inner.update(grads, state.inner, params, **extra_args)
     delta = jax.tree.map(jnp.negative, direction)
     previous = state.previous
@@ -127,8 +129,9 @@ def quadratic_model(
     if axis_name is not None:
       gram = jax.lax.pmean(gram, axis_name)
     lam = state.damping
-    pairs = [[_tree_vdot(a, b) for b in (delta, previous)] for a in (delta, previous)]
-    gram = gram + lam * jnp.asarray(pairs)
+    dd, dp, pp = (_tree_vdot(delta, delta), _tree_vdot(delta, previous),
+                  _tree_vdot(previous, previous))
+    gram = gram + lam * jnp.stack([jnp.stack([dd, dp]), jnp.stack([dp, pp])])
     dots = jnp.stack([_tree_vdot(grads, delta), _tree_vdot(grads, previous)])
     alpha, mu = coefficients(gram, dots)
     new = jax.tree.map(lambda d, p: (alpha * d + mu * p).astype(d.dtype), delta, previous)
