@@ -121,7 +121,7 @@ def run_task(task: race.Task, args: argparse.Namespace) -> dict[str, Any]:
   """kfax (its defaults) and Adam over their grids, every configuration on every seed."""
   arena = race.Arena(task, {})
   if args.summary:
-    print(kfax.summary(arena.tables[False]))
+    print(kfax.summary(arena.table))
   floats = lambda s: [float(v) for v in s.split(',')]
   defaults = (('damping', 1e-4), ('stats_every', args.stats_every), ('inverse_every', 10))
   grid = ([race.Config('kfax', lr, defaults) for lr in floats(args.kfax_lrs)]
@@ -136,7 +136,7 @@ def run_task(task: race.Task, args: argparse.Namespace) -> dict[str, Any]:
   return {'description': task.description, 'target': task.target, 'max_steps': task.max_steps,
           'batch_size': task.batch_size,
           'compile_s': {c: s.compile_s for (c, _), s in arena.compiled.items()},
-          'summary': kfax.summary(arena.tables[False]), 'configs': rows}
+          'summary': kfax.summary(arena.table), 'configs': rows}
 
 
 # ----------------------------------------------------------------------------------- output

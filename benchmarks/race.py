@@ -371,14 +371,12 @@ class Config:
 
 LR_GRIDS = {'sgd': (0.03, 0.1, 0.3), 'adam': (1e-3, 3e-3, 1e-2), 'muon': (1e-2, 3e-2, 0.1),
             'shampoo': (1e-4, 3e-4, 1e-3), 'psgd': (1e-3, 3e-3, 1e-2), 'kfax': (0.03, 0.1, 0.3),
-            'kfax_qm': (1.0,),  # no rate: the quadratic model chooses it
-            'kfax_ekfac': (0.03, 0.1, 0.3)}
+            'kfax_qm': (1.0,)}  # no rate: the quadratic model chooses it
 QUICK_LR_GRIDS = {'sgd': (0.3,), 'adam': (1e-2,), 'muon': (3e-2,), 'shampoo': (3e-4,),
-                  'psgd': (3e-3,), 'kfax': (0.1,), 'kfax_qm': (1.0,), 'kfax_ekfac': (0.1,)}
+                  'psgd': (3e-3,), 'kfax': (0.1,), 'kfax_qm': (1.0,)}
 CONTESTANTS = tuple(LR_GRIDS)
-KFAX = ('kfax', 'kfax_qm', 'kfax_ekfac')  # the contestants with statistics steps
+KFAX = ('kfax', 'kfax_qm')  # the contestants with statistics steps
 KFAX_DAMPINGS = (1e-4, 1e-3)
-EKFAC_DAMPINGS = (1e-3, 1e-2)  # exact damping of eigen mode: weaker than factored at equal λ
 # (statistics every s steps, refresh every i updates): the first with the whole grid, the others
 # at the best learning rate and damping of the first (second stage).
 KFAX_PERIODS = ((5, 10), (1, 10), (10, 20))
@@ -422,9 +420,7 @@ def variants(contestant: str, params: Any, quick: bool) -> list[Options]:
   if contestant == 'shampoo':
     return [(('roots_every', SHAMPOO_ROOTS_EVERY[0]),)]
   if contestant in KFAX:
-    (s, i) = KFAX_PERIODS[0]
-    dampings = (EKFAC_DAMPINGS if contestant == 'kfax_ekfac' else KFAX_DAMPINGS)[
-        :1 if quick else None]
+    (s, i), dampings = KFAX_PERIODS[0], KFAX_DAMPINGS[:1 if quick else None]
     return [(('damping', d), ('stats_every', s), ('inverse_every', i)) for d in dampings]
   return [()]
 
@@ -461,10 +457,6 @@ def unit_transform(config: Config, table: kfax.LayerTable,
     return peers['psgd'].kron(1.0)
   if name == 'kfax':
     return optax.chain(kfax.kfac(table, damping=config.option('damping'),
-                                 inverse_every=config.option('inverse_every')),
-                       optax.sgd(1.0, momentum=0.9))
-  if name == 'kfax_ekfac':
-    return optax.chain(kfax.kfac(table, damping=config.option('damping'), damping_mode='eigen',
                                  inverse_every=config.option('inverse_every')),
                        optax.sgd(1.0, momentum=0.9))
   if name == 'kfax_qm':
@@ -505,8 +497,7 @@ def compile_steps(task: Task, config: Config, table: kfax.LayerTable,
   begin = time.perf_counter()
   tx = transform(config, table, peers)
   is_kfax = config.contestant in KFAX
-  grad_fn = kfax.value_grad_and_stats(task.loss, has_aux=True, fisher='mc',
-                                      eigenvalue_correction=config.contestant == 'kfax_ekfac')
+  grad_fn = kfax.value_grad_and_stats(task.loss, has_aux=True, fisher='mc')
 
   def extra(params, rest, batch):  # the quadratic model's products and loss of this batch
     if config.contestant != 'kfax_qm':
@@ -566,25 +557,19 @@ class Arena:
   def __init__(self, task: Task, peers: dict[str, Any]):
     self.task, self.peers = task, peers
     params, rest = task.init(0)
-    batch = tuple(a[0] for a in task.batches(0, 1))
-    self.tables = {correct: kfax.value_grad_and_stats(
-        task.loss, has_aux=True, eigenvalue_correction=correct).layers(params, rest, *batch)
-        for correct in (False, True)}
+    grad_fn = kfax.value_grad_and_stats(task.loss, has_aux=True)
+    self.table = grad_fn.layers(params, rest, *(a[0] for a in task.batches(0, 1)))
     self.params0 = params
     self.evaluate = jax.jit(task.evaluate).lower(params, rest, *task.test).compile()
     self.compiled: dict[tuple[str, Options], Steps] = {}
     self.data: dict[int, tuple[np.ndarray, ...]] = {}
-
-  def table(self, config: Config) -> kfax.LayerTable:
-    """The task's layer table, eigenvalue-corrected for `kfax_ekfac`."""
-    return self.tables[config.contestant == 'kfax_ekfac']
 
   def steps(self, config: Config) -> Steps:
     """`config`'s compiled steps, compiled on first use."""
     # One compiled pair per static setting; the statistics period is chosen in Python.
     family = (config.contestant, tuple(o for o in config.options if o[0] != 'stats_every'))
     if family not in self.compiled:
-      self.compiled[family] = compile_steps(self.task, config, self.table(config), self.peers)
+      self.compiled[family] = compile_steps(self.task, config, self.table, self.peers)
     return self.compiled[family]
 
   def start(self, config: Config, seed: int) -> Run:
@@ -592,7 +577,7 @@ class Arena:
     if seed not in self.data:
       self.data[seed] = self.task.batches(seed, self.task.max_steps)
     params, rest = self.task.init(seed)
-    opt_state = init_state(transform(config, self.table(config), self.peers), params)
+    opt_state = init_state(transform(config, self.table, self.peers), params)
     fresh = jax.tree.map(jnp.copy, (params, rest, opt_state))  # a buffer per leaf, for donation
     return Run(config, seed, self.steps(config), self.data[seed], *fresh,
                key=jax.random.key(10_000 + seed))
@@ -996,7 +981,7 @@ def median_run(r: dict[str, Any]) -> dict[str, Any]:
 
 
 COLORS = dict(zip(CONTESTANTS, ('tab:blue', 'tab:orange', 'tab:purple', 'tab:brown', 'tab:red',
-                                'tab:green', 'tab:olive', 'tab:cyan')))
+                                'tab:green', 'tab:olive')))
 
 
 def panel(ax: Any, name: str, result: dict[str, Any]) -> None:

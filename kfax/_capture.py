@@ -281,8 +281,7 @@ def _tracing(trace: _Trace) -> Iterator[None]:
     stack.pop()
 
 
-def build_table(trace: _Trace, sequence: str, fallback: str, max_factor_dim: int,
-                eigenvalue_correction: bool = False) -> LayerTable:
+def build_table(trace: _Trace, sequence: str, fallback: str, max_factor_dim: int) -> LayerTable:
   """The layer table of a shape-only trace: captured layers, then every other parameter."""
   entries, covered = [], set()
   for key, record in trace.records.items():
@@ -305,8 +304,7 @@ def build_table(trace: _Trace, sequence: str, fallback: str, max_factor_dim: int
     roles = tuple((s.role, s.n_scaled) for s in specs)
     entries.append(Entry(key=key, kind=first.kind, curvature=first.curvature, leaves=leaves,
                          layout=first.layout, stack=stack, blocks=blocks, dims=first.dims,
-                         diag=diag, roles=roles, note='',
-                         corrected=eigenvalue_correction and first.curvature == 'kronecker'))
+                         diag=diag, roles=roles, note=''))
     covered.update(leaves)
   notes = {}
   for key, record in trace.records.items():
@@ -336,7 +334,7 @@ def _accumulators(table: LayerTable, vma: set) -> dict[str, dict]:
     # One call's Kronecker statistics always have a block axis (size 1 for a plain layer).
     call_blocks = e.blocks[len(e.stack):] or ((1,) if e.curvature == 'kronecker' else ())
     shapes = {name: e.stack + call_blocks + s[len(e.blocks):]
-              for name, s in e.stat_shapes().items() if name != 'grad'}
+              for name, s in e.stat_shapes().items()}
 
     def zeros(shape):
       z = jnp.zeros(shape, _STATS_DTYPE())
@@ -387,21 +385,6 @@ def _diagonal(table: LayerTable, sampled: Any, examples: jax.Array) -> Stats:
     g = values[e.leaves[0]]
     g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
     out[key] = {'diag': examples * g * g}
-  return out
-
-
-def _sampled_gradients(table: LayerTable, sampled: Any, examples: jax.Array) -> Stats:
-  """Eigenvalue-corrected entries' `grad`: `√N ĝ` in the entry's matrix form, `ĝ` the gradient
-  of the mean loss under MC-sampled targets. In any fixed basis `E[N ĝ²]` is the diagonal of the
-  per-example Fisher there (the examples' sampled gradients are independent with mean zero), so
-  `kfac` squares it in the Kronecker eigenbasis (George et al., NeurIPS 2018)."""
-  values = dict(_table.named_leaves(sampled))
-  out = {}
-  for key, e in table.of('kronecker').items():
-    if e.corrected:
-      g = _table.to_matrix(e, values)
-      g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-      out[key] = {'grad': g * jnp.sqrt(examples.astype(g.dtype))}
   return out
 
 
@@ -490,7 +473,6 @@ def value_grad_and_stats(
     fallback: str = 'diagonal',
     max_factor_dim: int = 8192,
     subsample: int = 1,
-    eigenvalue_correction: bool = False,
 ) -> Callable[..., tuple[Any, Any, Stats]]:
   """Wraps a Flax loss to return the loss, its gradients and this batch's K-FAC statistics.
 
@@ -531,12 +513,6 @@ def value_grad_and_stats(
       G products (and conv patches) cost about 1/subsample; the MC backward pass does not
       shrink. Each step's factors then rest on fewer examples, which the moving average
       offsets; where it pays is model by model (`benchmarks/`).
-    eigenvalue_correction: also return, for each Kronecker layer, `grad`: √N times its
-      gradient under the MC-sampled targets (the loss's own with `fisher="empirical"`; the whole
-      batch, not subsampled). A `kfac` built
-      from this table with `damping_mode="eigen"` then replaces the eigenvalue products of
-      `A ⊗ G` by the Fisher's own diagonal in its eigenbasis (EKFAC). Costs a gradient's bytes
-      more statistics per Kronecker layer.
 
   Returns:
     `f(params_or_model, *args, rng=None, **kwargs) -> (loss or (loss, aux), grads, stats)`.
@@ -563,9 +539,6 @@ def value_grad_and_stats(
   if not (isinstance(subsample, int) and subsample >= 1):
     raise ValueError('kfax.value_grad_and_stats: `subsample` must be an integer >= 1 (every'
                      f' subsample-th example), got {subsample!r}.')
-  if not isinstance(eigenvalue_correction, bool):
-    raise TypeError('kfax.value_grad_and_stats: `eigenvalue_correction` must be a bool, got'
-                    f' {eigenvalue_correction!r}.')
   rows = _kinds.Rows(sequence == 'reduce', subsample)
   takes_rng = _takes_rng(loss_fn)
 
@@ -591,8 +564,7 @@ def value_grad_and_stats(
       return run(front, p, state, None, traces[0], a, k)[0][0]
 
     jax.eval_shape(shapes_only, front.params, front.state, [leaves[i] for i in arrays])
-    table = build_table(traces[0], sequence, fallback, max_factor_dim, eigenvalue_correction)
-    return table, traces[0]
+    return build_table(traces[0], sequence, fallback, max_factor_dim), traces[0]
 
   def layers(x: Any, *args: Any, rng: jax.Array | None = None, **kwargs: Any) -> LayerTable:
     """The layer table of this loss at these params (or model) and arguments (one shape-only
@@ -641,8 +613,6 @@ def value_grad_and_stats(
         sampled, raw = pullback((jnp.zeros_like(loss), cotangents))
     front.finish(state)
     stats = {**_combine(table, raw, examples), **_diagonal(table, sampled, examples)}
-    for key, extra in _sampled_gradients(table, sampled, examples).items():
-      stats[key] = {**stats[key], **extra}
     return ((loss, aux) if has_aux else loss), grads, stats
 
   def gauss_newton(x: Any, *args: Any, rng: jax.Array | None = None,

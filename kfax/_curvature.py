@@ -4,9 +4,7 @@
   `damping_mode="eigen"`, `(A ⊗ G + λ I)⁻¹ vec(X) = Qa [(Qaᵀ X Qg) / (da dgᵀ + λ)] Qgᵀ`, and with
   `"factored"`, `(A + π√λ I)⁻¹ X (G + √λ/π I)⁻¹`, `π = sqrt((tr A / rows) / (tr G / cols))`.
   A diagonal side is its own eigendecomposition (`Q = I`). Only dense sides are decomposed, at
-  refreshes; the decompositions are the state's `decompositions`. Eigenvalue-corrected (EKFAC,
-  eigen mode only), a moving average `scales` of the Fisher's diagonal in that eigenbasis
-  replaces `da dgᵀ`.
+  refreshes; the decompositions are the state's `decompositions`.
 - `unitwise` and `diagonal`: `(F + λ' I)⁻¹ x` per channel's `k x k` block or per parameter,
   from the current factor every step (closed form, no decomposition). `λ' = λ` in eigen mode; in
   factored mode `λ' = 2√(λ m) + λ`, `m` the block's mean eigenvalue: exactly what π-factored
@@ -26,11 +24,9 @@ from kfax._table import Entry
 
 
 def init_factors(entry: Entry) -> dict[str, jax.Array]:
-  """Identity curvature (never used before the first statistics replace it). An
-  eigenvalue-corrected entry's statistic `grad` becomes its factor `scales`."""
+  """Identity curvature (never used before the first statistics replace it)."""
   out = {}
   for name, shape in entry.stat_shapes().items():
-    name = 'scales' if name == 'grad' else name
     if entry.dense(name):
       out[name] = jnp.broadcast_to(jnp.eye(shape[-1], dtype=jnp.float32), shape) + 0.0
     else:
@@ -122,39 +118,21 @@ def _side(x: jax.Array, m: jax.Array, diagonal: bool, axis: str) -> jax.Array:
   return jnp.einsum('...ji,...jk->...ik', m, x) if axis == 'a' else x @ m
 
 
-def to_eigenbasis(x: jax.Array, decomps: dict[str, jax.Array]) -> jax.Array:
-  """`Qaᵀ X Qg` per block (a diagonal side has `Q = I`)."""
-  qa, qg = decomps.get('a_eigvecs'), decomps.get('g_eigvecs')
-  v = x if qa is None else jnp.einsum('...ji,...jk->...ik', qa, x)
-  return v if qg is None else v @ qg
-
-
-def from_eigenbasis(v: jax.Array, decomps: dict[str, jax.Array]) -> jax.Array:
-  """`Qa V Qgᵀ` per block, the inverse of `to_eigenbasis`."""
-  qa, qg = decomps.get('a_eigvecs'), decomps.get('g_eigvecs')
-  v = v if qa is None else qa @ v
-  return v if qg is None else jnp.einsum('...ij,...kj->...ik', v, qg)
-
-
-def eigenbasis_scales(grad: jax.Array, decomps: dict[str, jax.Array]) -> jax.Array:
-  """EKFAC's statistic: `(Qaᵀ (√N ĝ) Qg)²`, whose expectation is the diagonal of the Fisher in
-  the Kronecker eigenbasis (where K-FAC assumes the eigenvalue products `da dgᵀ`)."""
-  return jnp.square(to_eigenbasis(grad.astype(jnp.float32), decomps))
-
-
 def precondition_kronecker(
-    entry: Entry, x: jax.Array, decomps: dict[str, jax.Array], damping: jax.Array, eigen: bool,
-    scales: jax.Array | None = None,
+    entry: Entry, x: jax.Array, decomps: dict[str, jax.Array], damping: jax.Array, eigen: bool
 ) -> jax.Array:
-  """The damped Kronecker inverse applied to the gradient blocks `x`; in eigen mode with
-  `scales` (EKFAC), those replace the eigenvalue products."""
+  """The damped Kronecker inverse applied to the gradient blocks `x`."""
   x = x.astype(jnp.float32)
+  da, dg = entry.diag
   if not eigen:
-    v = _side(x, decomps['a_inverse'], entry.diag[0], 'a')  # symmetric: Aᵀ⁻¹ = A⁻¹
-    return _side(v, decomps['g_inverse'], entry.diag[1], 'g')
-  if scales is None:
-    scales = decomps['a_eigvals'][..., :, None] * decomps['g_eigvals'][..., None, :]
-  return from_eigenbasis(to_eigenbasis(x, decomps) / (scales + damping), decomps)
+    v = _side(x, decomps['a_inverse'], da, 'a')  # symmetric: Aᵀ⁻¹ = A⁻¹
+    return _side(v, decomps['g_inverse'], dg, 'g')
+  qa, qg = decomps.get('a_eigvecs'), decomps.get('g_eigvecs')
+  v = x if da else jnp.einsum('...ji,...jk->...ik', qa, x)
+  v = v if dg else v @ qg
+  v = v / (decomps['a_eigvals'][..., :, None] * decomps['g_eigvals'][..., None, :] + damping)
+  v = v if da else qa @ v
+  return v if dg else jnp.einsum('...ij,...kj->...ik', v, qg)
 
 
 def _block_damping(mean_eigenvalue: jax.Array, damping: jax.Array, eigen: bool) -> jax.Array:
@@ -194,8 +172,7 @@ def precondition(
 ) -> jax.Array:
   """The entry's preconditioned gradient (its matrix form, as `x`)."""
   if entry.curvature == 'kronecker':
-    return precondition_kronecker(entry, x, decomps, damping, eigen,
-                                  None if factors is None else factors.get('scales'))
+    return precondition_kronecker(entry, x, decomps, damping, eigen)
   if entry.curvature == 'unitwise':
     return precondition_unitwise(x, factors['fisher'], damping, eigen)
   if entry.curvature == 'diagonal':

@@ -7,9 +7,6 @@ table, the optimizer state holds exactly their curvature, and `kfax.summary` pri
 Curvatures:
 - `kronecker`: `A ⊗ G` per block; `a_factor`, `g_factor` of shapes `blocks + (n, n)`, or
   `blocks + (n,)` for a side kept diagonal (an Embed's token side, a side > `max_factor_dim`).
-  Eigenvalue-corrected (`value_grad_and_stats(eigenvalue_correction=True)`) also `grad`, of
-  the gradient's `blocks + (rows, cols)`: √N times the gradient of the MC-sampled loss, from
-  which `kfac` estimates the Fisher's diagonal in the Kronecker eigenbasis (factor `scales`).
 - `unitwise`: per channel the `k x k` Fisher of (scale, bias), `fisher` of `blocks + (C, k, k)`.
 - `diagonal` (the fallback): the diagonal Fisher of one parameter, `diag` of its shape.
 - `none` (`fallback="none"`): the gradient passes through.
@@ -66,7 +63,6 @@ class Entry(NamedTuple):
   diag: tuple[bool, bool]  # Kronecker sides kept diagonal
   roles: tuple[tuple[str, tuple[bool, bool]], ...]  # (role, which sides N scales) of its calls
   note: str  # what the summary says besides the rule
-  corrected: bool = False  # Kronecker, eigenvalue-corrected: statistic `grad`, factor `scales`
 
   def dense(self, name: str) -> bool:
     """Whether statistic `name` is a stack of symmetric matrices (packed as upper triangles
@@ -79,9 +75,8 @@ class Entry(NamedTuple):
     """Shapes of the statistics (and EMA factors) of this entry."""
     if self.curvature == 'kronecker':
       side = lambda n, d: (n,) if d else (n, n)
-      out = {'a_factor': self.blocks + side(self.dims[0], self.diag[0]),
-             'g_factor': self.blocks + side(self.dims[1], self.diag[1])}
-      return {**out, 'grad': self.blocks + self.dims} if self.corrected else out
+      return {'a_factor': self.blocks + side(self.dims[0], self.diag[0]),
+              'g_factor': self.blocks + side(self.dims[1], self.diag[1])}
     if self.curvature == 'unitwise':
       c, k = self.dims
       return {'fisher': self.blocks + (c, k, k)}

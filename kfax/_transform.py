@@ -115,11 +115,9 @@ def _init(config: _Config, params: Any) -> KfacState:
 
 
 def _absorb(config: _Config, state: KfacState, stats: Stats, decay: jax.Array,
-            layout: _sharded.Layout | None) -> tuple[KfacState, dict[str, tuple]]:
+            layout: _sharded.Layout | None) -> KfacState:
   """EMA of the factors with this batch's statistics; an entry whose statistics are non-finite
-  keeps its factors. The first statistics replace the initial identity. Also returns, per
-  eigenvalue-corrected entry, its (device-averaged) `grad` and the EMA weight its `scales` take
-  after the refresh (1: keep them)."""
+  keeps its factors. The first statistics replace the initial identity."""
   weights = {k: jnp.where(state.stats_count[k] > 0, decay, 0.0) for k in stats}
   local = {k: s for k, s in stats.items() if layout is None or k not in config.kronecker}
   if config.axis_name is not None and config.mesh is None and local:
@@ -139,33 +137,14 @@ def _absorb(config: _Config, state: KfacState, stats: Stats, decay: jax.Array,
   for key, new in local.items():
     w = weights[key]
     factors[key] = {n: jnp.where(finite[key], w * old + (1 - w) * new[n].astype(old.dtype), old)
-                    if n in new else old for n, old in state.factors[key].items()}
+                    for n, old in state.factors[key].items()}
   any_bad = jnp.zeros((), bool)
   for ok in finite.values():
     any_bad = any_bad | ~ok
   stats_count = {k: c + finite[k].astype(jnp.int32) if k in finite else c
                  for k, c in state.stats_count.items()}
-  corrections = {k: (s['grad'], jnp.where(finite[k], weights[k], 1.0))
-                 for k, s in local.items() if 'grad' in s}
   return state._replace(factors=factors, stats_count=stats_count,
-                        skipped_stats=state.skipped_stats + any_bad.astype(jnp.int32)
-                        ), corrections
-
-
-def _absorb_scales(config: _Config, state: KfacState, corrections: dict[str, tuple]
-                   ) -> KfacState:
-  """EKFAC: the moving average of the Fisher's diagonal in the current Kronecker eigenbasis,
-  `(Qaᵀ (√N ĝ) Qg)²`, with the device-averaged `grad` times √devices, which is √N ĝ of the
-  global batch, so that any number of devices gives the one-device update."""
-  devices = 1.0
-  if config.axis_name is not None and config.mesh is None:
-    devices = jax.lax.psum(1.0, config.axis_name)
-  factors = dict(state.factors)
-  for key, (grad, w) in corrections.items():
-    new = _curvature.eigenbasis_scales(grad * jnp.sqrt(devices), state.decompositions[key])
-    old = factors[key]['scales']
-    factors[key] = {**factors[key], 'scales': jnp.where(w < 1, w * old + (1 - w) * new, old)}
-  return state._replace(factors=factors)
+                        skipped_stats=state.skipped_stats + any_bad.astype(jnp.int32))
 
 
 def refresh_phases(entries: dict[str, Entry], inverse_every: int) -> list[list[str]]:
@@ -250,13 +229,11 @@ def _update(config: _Config, hyper: dict, updates: Any, state: KfacState,
   layout = config.layout()
   damping = _at(hyper['damping'], state.count)
   first = jnp.zeros((), bool)
-  corrections: dict[str, tuple] = {}
   if stats is not None:
     _check_stats(config.table, stats)
     with jax.named_scope('kfax/factors'):
       before = state.stats_count
-      state, corrections = _absorb(config, state, stats,
-                                     _at(hyper['ema_decay'], state.count), layout)
+      state = _absorb(config, state, stats, _at(hyper['ema_decay'], state.count), layout)
       for k in config.kronecker:
         first = first | ((before[k] == 0) & (state.stats_count[k] > 0))
   with jax.named_scope('kfax/refresh'):
@@ -264,9 +241,6 @@ def _update(config: _Config, hyper: dict, updates: Any, state: KfacState,
       due = (state.count % hyper['inverse_every'] == phase) | first
       state = jax.lax.cond(due, functools.partial(_refresh, config, layout=layout, keys=keys),
                            lambda s, _: s, state, damping)
-  if corrections:
-    with jax.named_scope('kfax/eigenbasis_scales'):
-      state = _absorb_scales(config, state, corrections)
   leaves, treedef = jax.tree.flatten(updates)
   values = dict(zip(config.table.shapes, leaves))
   curved = config.curved
@@ -306,14 +280,6 @@ def kfac(
   2x2 Fisher blocks and every other parameter the table's fallback (a diagonal Fisher, or none),
   damped alike (see `kfax._curvature`). Chain it with optax for the learning rate, momentum and
   weight decay: `optax.chain(kfax.kfac(layers), optax.sgd(learning_rate, momentum=0.9))`.
-
-  With a table from `value_grad_and_stats(..., eigenvalue_correction=True)` and
-  `damping_mode="eigen"`, each Kronecker layer is eigenvalue-corrected (EKFAC, George et al.,
-  NeurIPS 2018): `(Qa ⊗ Qg) (S + λ I)⁻¹ (Qa ⊗ Qg)ᵀ vec(X)`, with `Qa`, `Qg` the factors'
-  eigenvectors and `S` a moving average (`ema_decay`, first value replacing) of the Fisher's
-  diagonal in that basis, estimated from each statistics step's MC-sampled gradient right after
-  any refresh, instead of the eigenvalue products `da dgᵀ`. The estimate is unbiased but rests on
-  one sampled gradient per batch, not on per-example gradients as in the paper.
 
   Statistics arrive as the `stats=` extra argument, which `update` requires: pass `stats=None`
   on steps that computed none, which then only precondition. Factors are exponential moving
@@ -425,16 +391,6 @@ def kfac(
         "kfax.kfac: refresh='staggered' is not available with gather='gradients', whose devices"
         ' each refresh their own share of the layers every period; use the default gather.')
   sharded = gather == 'gradients'
-  if any(e.corrected for e in layers.entries.values()):
-    if damping_mode != 'eigen':
-      raise ValueError(
-          'kfax.kfac: the layer table is eigenvalue-corrected (value_grad_and_stats('
-          "eigenvalue_correction=True)), whose scales replace the eigenvalue products of"
-          " damping_mode='eigen'; pass damping_mode='eigen', or build the table without it.")
-    if sharded:
-      raise ValueError(
-          "kfax.kfac: an eigenvalue-corrected layer table needs the default"
-          " gather='decompositions' (every device holds the eigenbases its scales live in).")
   if (sharded or mesh is not None) and axis_name is None:
     raise ValueError(
         f'kfax.kfac: {"gather=" + repr(gather) if sharded else "`mesh`"} needs `axis_name`, the'

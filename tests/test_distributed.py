@@ -513,31 +513,3 @@ def test_quadratic_model_under_pmap_matches_one_device():
   np.testing.assert_allclose(np.asarray(sn.damping[0]), np.asarray(s1.damping), rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b),
                                                        rtol=2e-4, atol=2e-5), pn, p1)
-
-
-EKFAC_GRAD_FN = kfax.value_grad_and_stats(loss_fn, fisher='empirical', eigenvalue_correction=True)
-
-
-def _ekfac_local(params, x, y, with_stats):
-  if with_stats:
-    _, grads, stats = EKFAC_GRAD_FN(params, x, y)
-    return grads, stats
-  return jax.grad(loss_fn)(params, x, y), None
-
-
-def test_eigenvalue_corrected_pmap_matches_one_device():
-  """EKFAC's scales square the device-averaged `grad` times √devices (√N ĝ of the whole
-  batch), so 8 devices under pmap give the 1-device updates."""
-  params, xs, ys = _data()
-  table = EKFAC_GRAD_FN.layers(params, xs[0], ys[0])
-  make = lambda axis=None: optax.chain(
-      kfax.kfac(table, damping=1e-2, inverse_every=2, damping_mode='eigen', axis_name=axis),
-      optax.sgd(0.1, momentum=0.9))
-  step = jax.jit(functools.partial(_step, make(), _ekfac_local), static_argnums=4)
-  one = _train(step, params, xs, ys, make().init(params))
-  many = _train_pmap(make('batch'), _ekfac_local)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
-                                                       rtol=2e-4, atol=2e-5), many, one)
-  uncorrected = _reference('eigen')  # the correction changed the updates
-  assert max(float(jnp.abs(a - b).max()) for a, b in zip(
-      jax.tree.leaves(one), jax.tree.leaves(uncorrected))) > 1e-3
