@@ -347,8 +347,10 @@ def _embed_stats(spec: Spec, saved: Any, dy: jax.Array, rows: Rows,
 
 # ---------------------------------------------------------------------------------------------
 # Convolutions: Conv (grouped and depthwise too) and ConvTranspose. Patches come from the module
-# itself: a clone with one input channel and a one-hot kernel outputs, per channel, the inputs
-# each kernel entry multiplies, with the module's own padding, strides and dilations.
+# itself: a clone with one input channel and a one-hot kernel, applied once per input shape to
+# an image of position numbers, says which input position each kernel entry multiplies at each
+# output position (with the module's own padding, strides and dilations); the patches are then
+# one gather of the input.
 
 
 class ConvConfig(NamedTuple):
@@ -367,7 +369,7 @@ def _nnx_patch(cls: type, fields: tuple, kernel: jax.Array, x: jax.Array) -> jax
   """The conv of `cls` (nnx.Conv or ConvTranspose), built with the layer's own padding, strides
   and dilations, one input channel, and `kernel`."""
   conv = cls(1, kernel.shape[-1], use_bias=False, kernel_init=nnx.initializers.zeros,
-             rngs=nnx.Rngs(0), **dict(fields))
+             precision=jax.lax.Precision.HIGHEST, rngs=nnx.Rngs(0), **dict(fields))
   conv.kernel = nnx.Param(kernel)
   return conv(x)
 
@@ -393,6 +395,7 @@ def _conv(module: nn.Module | nnx.Module, method: str, args: tuple, kwargs: dict
   if linen:
     patch = functools.partial(_linen_patch, module.clone(
         parent=None, name=None, features=k, use_bias=False, mask=None,
+        precision=jax.lax.Precision.HIGHEST, dtype=jnp.float32, param_dtype=jnp.float32,
         kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
         **({'feature_group_count': 1} if groups != 1 else {})))
   else:
@@ -413,16 +416,41 @@ def _conv(module: nn.Module | nnx.Module, method: str, args: tuple, kwargs: dict
               n_scaled=(False, True), config=ConvConfig(patch, window, groups, c, use_bias))
 
 
+def patch_positions(config: ConvConfig, spatial: tuple[int, ...]) -> np.ndarray | None:
+  """`(T, K)`: the flat input position that kernel entry k multiplies at output position t,
+  or -1 where it multiplies padding (or an input-dilation hole). The module's own conv, with a
+  one-hot kernel at the highest precision, applied to the image of position numbers 1..S and
+  to an image of ones (run once per trace, on constants). None where some output is not one
+  input or zero (a conv that sums wrapped outputs, as a circular ConvTranspose)."""
+  k, size = math.prod(config.window), math.prod(spatial)
+  with jax.ensure_compile_time_eval(), _internal():
+    onehot = jnp.eye(k, dtype=jnp.float32).reshape(config.window + (1, k))
+    numbers = jnp.arange(1, size + 1, dtype=jnp.float32).reshape((1,) + spatial + (1,))
+    out = np.asarray(config.patch(onehot, numbers)).reshape(-1, k)
+    ones = np.asarray(config.patch(onehot, jnp.ones_like(numbers))).reshape(-1, k)
+  if not (np.all((ones == 0) | (ones == 1)) and np.all(out == np.rint(out))):
+    return None
+  return np.where(ones == 1, np.rint(out).astype(np.int64) - 1, -1)
+
+
 def conv_patches(config: ConvConfig, x: jax.Array) -> jax.Array:
-  """`(E, T, K * C)` input patches of a conv call in kernel `(window..., C)` order."""
-  k = math.prod(config.window)
-  onehot = jnp.eye(k, dtype=x.dtype).reshape(config.window + (1, k))
-  per_channel = lambda xc: config.patch(onehot, xc[..., None])
-  with _internal():
-    patches = jax.vmap(per_channel, in_axes=-1, out_axes=-1)(x)  # (..., *out, K, C)
+  """`(E, T, K * C)` input patches of a conv call in kernel `(window..., C)` order: one gather
+  of `x` (a zero row for padding) at `patch_positions`, else the one-hot conv per channel."""
   batch = x.ndim - len(config.window) - 1
   e = math.prod(x.shape[:batch]) if batch else 1
-  return patches.reshape(e, -1, k * config.in_features)
+  spatial = x.shape[batch:-1]
+  positions = patch_positions(config, spatial)
+  if positions is None:
+    k = math.prod(config.window)
+    onehot = jnp.eye(k, dtype=x.dtype).reshape(config.window + (1, k))
+    with _internal():
+      patches = jax.vmap(lambda xc: config.patch(onehot, xc[..., None]), in_axes=-1,
+                         out_axes=-1)(x)  # (..., *out, K, C)
+    return patches.reshape(e, -1, k * config.in_features)
+  size = math.prod(spatial)
+  rows = jnp.concatenate([x.reshape(e, size, -1), jnp.zeros((e, 1, x.shape[-1]), x.dtype)], 1)
+  patches = rows[:, np.where(positions < 0, size, positions)]  # (E, T, K, C)
+  return patches.reshape(e, positions.shape[0], -1)
 
 
 def _conv_stats(spec: Spec, saved: Any, dy: jax.Array, rows: Rows,

@@ -410,6 +410,23 @@ def test_conv_factors_equal_dense_patch_references(x64, name):
     _assert_rel(stats[mode]['']['g_factor'], squeeze(ref_g), what=f'{mode} G')
 
 
+def test_conv_patches_fall_back_to_the_conv_per_channel_where_an_output_sums_inputs():
+  """Patches are a gather at the positions the layer's one-hot conv reads; a patch map with an
+  output that is a sum of inputs (here two shifted copies) is not a gather, and is applied per
+  channel instead, giving the same patches as the map itself."""
+  from kfax import _kinds
+  conv = lambda k, x: jax.lax.conv_general_dilated(
+      x, k, (1,), 'SAME', dimension_numbers=('NWC', 'WIO', 'NWC'))
+  x = _normal(0, (2, 5, 3), jnp.float32)
+  for summing in (False, True):
+    patch = (lambda k, x: conv(k, x) + conv(k, jnp.roll(x, 1, axis=1))) if summing else conv
+    config = _kinds.ConvConfig(patch, (3,), 1, 3, False)
+    assert (_kinds.patch_positions(config, (5,)) is None) == summing
+    onehot = jnp.eye(3).reshape(3, 1, 3)
+    want = jax.vmap(lambda xc: patch(onehot, xc[..., None]), in_axes=-1, out_axes=-1)(x)
+    np.testing.assert_array_equal(_kinds.conv_patches(config, x), want.reshape(2, 5, 9))
+
+
 NORMS = {
     # name: (module, input shape, needs mutable batch_stats, one row per example)
     'LayerNorm': (lambda: nn.LayerNorm(), (3, 5), False, True),
