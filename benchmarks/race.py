@@ -743,13 +743,11 @@ def to_config(r: dict[str, Any]) -> Config:
 
 
 def grid_pass(arena: Arena, configs: list[Config], args: argparse.Namespace) -> list[dict]:
-  """Seed 0 on the grid, then the second stage's periods and the third stage's subsamples at each
-  contestant's best, then up to
-  `--extend` rounds of rates beyond a best config's edge."""
+  """Seed 0 on the grid, then the second stage's periods and the third stage's subsamples at
+  each contestant's best, then up to `--extend` rounds of rates beyond a best config's edge."""
   rows = run_configs(arena, configs, [0], args.eval_every, args.grid_cap)
-  for name, stage in (('second', second_stage), ('third', third_stage)):
-    if args.quick:
-      break
+  stages = () if args.quick else (('second', second_stage), ('third', third_stage))
+  for name, stage in stages:
     more = [c for b in best_rows(rows, arena.task).values() for c in stage(to_config(b))]
     if more:
       print(f'  {arena.task.name}: {name} stage: ' + ', '.join(c.label() for c in more),

@@ -416,6 +416,12 @@ def _conv(module: nn.Module | nnx.Module, method: str, args: tuple, kwargs: dict
               n_scaled=(False, True), config=ConvConfig(patch, window, groups, c, use_bias))
 
 
+def _onehot_kernel(window: tuple[int, ...], dtype: Any) -> jax.Array:
+  """`window + (1, K)`: output feature k of a one-input-channel conv reads kernel entry k."""
+  k = math.prod(window)
+  return jnp.eye(k, dtype=dtype).reshape(window + (1, k))
+
+
 def patch_positions(config: ConvConfig, spatial: tuple[int, ...]) -> np.ndarray | None:
   """`(T, K)`: the flat input position that kernel entry k multiplies at output position t,
   or -1 where it multiplies padding (or an input-dilation hole). The module's own conv, with a
@@ -424,7 +430,7 @@ def patch_positions(config: ConvConfig, spatial: tuple[int, ...]) -> np.ndarray 
   input or zero (a conv that sums wrapped outputs, as a circular ConvTranspose)."""
   k, size = math.prod(config.window), math.prod(spatial)
   with jax.ensure_compile_time_eval(), _internal():
-    onehot = jnp.eye(k, dtype=jnp.float32).reshape(config.window + (1, k))
+    onehot = _onehot_kernel(config.window, jnp.float32)
     numbers = jnp.arange(1, size + 1, dtype=jnp.float32).reshape((1,) + spatial + (1,))
     out = np.asarray(config.patch(onehot, numbers)).reshape(-1, k)
     ones = np.asarray(config.patch(onehot, jnp.ones_like(numbers))).reshape(-1, k)
@@ -440,13 +446,12 @@ def conv_patches(config: ConvConfig, x: jax.Array) -> jax.Array:
   e = math.prod(x.shape[:batch]) if batch else 1
   spatial = x.shape[batch:-1]
   positions = patch_positions(config, spatial)
-  if positions is None:
-    k = math.prod(config.window)
-    onehot = jnp.eye(k, dtype=x.dtype).reshape(config.window + (1, k))
+  if positions is None:  # the clone computes in float32: back to x's dtype (exact, one-hot)
+    onehot = _onehot_kernel(config.window, x.dtype)
     with _internal():
       patches = jax.vmap(lambda xc: config.patch(onehot, xc[..., None]), in_axes=-1,
                          out_axes=-1)(x)  # (..., *out, K, C)
-    return patches.reshape(e, -1, k * config.in_features)
+    return patches.astype(x.dtype).reshape(e, -1, onehot.shape[-1] * config.in_features)
   size = math.prod(spatial)
   rows = jnp.concatenate([x.reshape(e, size, -1), jnp.zeros((e, 1, x.shape[-1]), x.dtype)], 1)
   patches = rows[:, np.where(positions < 0, size, positions)]  # (E, T, K, C)

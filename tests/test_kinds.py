@@ -32,6 +32,7 @@ import optax
 import pytest
 
 import kfax
+from kfax import _kinds
 
 TOL = 1e-9  # relative to the largest entry: float64 statistics (x64) against float64 references
 
@@ -414,7 +415,6 @@ def test_conv_patches_fall_back_to_the_conv_per_channel_where_an_output_sums_inp
   """Patches are a gather at the positions the layer's one-hot conv reads; a patch map with an
   output that is a sum of inputs (here two shifted copies) is not a gather, and is applied per
   channel instead, giving the same patches as the map itself."""
-  from kfax import _kinds
   conv = lambda k, x: jax.lax.conv_general_dilated(
       x, k, (1,), 'SAME', dimension_numbers=('NWC', 'WIO', 'NWC'))
   x = _normal(0, (2, 5, 3), jnp.float32)
