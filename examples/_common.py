@@ -195,6 +195,9 @@ def parse_args(task: Task, doc: str, argv: list[str] | None = None) -> argparse.
   add('--subsample', type=int, default=1, metavar='K',
       help="K-FAC statistics from every K-th example of each device's micro-batch"
            ' (value_grad_and_stats(subsample=K)); gradients use every example')
+  add('--subsample_positions', type=int, default=1, metavar='K',
+      help='K-FAC conv statistics from about 1/K of the output positions, on a lattice'
+           ' (value_grad_and_stats(subsample_positions=K))')
   add('--comm_dtype', choices=('float32', 'bfloat16'), default='float32',
       help="dtype of kfax's statistics all-reduce")
   add('--gather', choices=('decompositions', 'gradients'), default='decompositions',
@@ -318,6 +321,9 @@ def check_args(args: argparse.Namespace, task: Task, devices: int) -> None:
     raise SystemExit(f'--log_every {args.log_every} must be >= 1.')
   if args.subsample < 1:
     raise SystemExit(f'--subsample {args.subsample} must be >= 1 (1: every example).')
+  if args.subsample_positions < 1:
+    raise SystemExit(f'--subsample_positions {args.subsample_positions} must be >= 1'
+                     ' (1: every position).')
   if args.mixup_alpha < 0:
     raise SystemExit(f'--mixup_alpha {args.mixup_alpha} must be >= 0 (0: no mixup).')
   if not 0 <= args.random_erasing <= 1:
@@ -568,7 +574,8 @@ def make_loss(model: nn.Module) -> Callable:
 
 def stats_fn(model: nn.Module, args: argparse.Namespace) -> Callable:
   return kfax.value_grad_and_stats(make_loss(model), has_aux=True, fisher=args.fisher,
-                                   subsample=args.subsample)
+                                   subsample=args.subsample,
+                                   subsample_positions=args.subsample_positions)
 
 
 def layer_table(model: nn.Module, args: argparse.Namespace, mesh: Mesh, params: Any,

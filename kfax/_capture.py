@@ -473,6 +473,7 @@ def value_grad_and_stats(
     fallback: str = 'diagonal',
     max_factor_dim: int = 8192,
     subsample: int = 1,
+    subsample_positions: int = 1,
 ) -> Callable[..., tuple[Any, Any, Stats]]:
   """Wraps a Flax loss to return the loss, its gradients and this batch's K-FAC statistics.
 
@@ -513,6 +514,12 @@ def value_grad_and_stats(
       G products (and conv patches) cost about 1/subsample; the MC backward pass does not
       shrink. Each step's factors then rest on fewer examples, which the moving average
       offsets; where it pays is model by model (`benchmarks/`).
+    subsample_positions: the Kronecker statistics of layers applied at many positions of an
+      example (convs, Dense over tokens) from about 1/k of them, scaled to estimate all: conv
+      outputs on the lattice whose coordinates sum to a multiple of k (every row and column
+      alike), every k-th position elsewhere. Neighbouring positions are correlated, so this
+      keeps more of the statistics than `subsample=k` at the same cost. Expand only (reduce
+      sums the positions first, so there is nothing to save).
 
   Returns:
     `f(params_or_model, *args, rng=None, **kwargs) -> (loss or (loss, aux), grads, stats)`.
@@ -539,7 +546,14 @@ def value_grad_and_stats(
   if not (isinstance(subsample, int) and subsample >= 1):
     raise ValueError('kfax.value_grad_and_stats: `subsample` must be an integer >= 1 (every'
                      f' subsample-th example), got {subsample!r}.')
-  rows = _kinds.Rows(sequence == 'reduce', subsample)
+  if not (isinstance(subsample_positions, int) and subsample_positions >= 1):
+    raise ValueError('kfax.value_grad_and_stats: `subsample_positions` must be an integer >= 1,'
+                     f' got {subsample_positions!r}.')
+  if subsample_positions > 1 and sequence == 'reduce':
+    raise ValueError('kfax.value_grad_and_stats: `subsample_positions` thins the positions that'
+                     ' sequence="expand" treats as examples; sequence="reduce" sums them first,'
+                     ' so there is nothing to thin. Use `subsample` (examples) instead.')
+  rows = _kinds.Rows(sequence == 'reduce', subsample, subsample_positions)
   takes_rng = _takes_rng(loss_fn)
 
   def run(front: Any, params: Any, state: Any, accs: dict | None, trace: _Trace, args: tuple,

@@ -102,10 +102,13 @@ def _f32(x: jax.Array) -> jax.Array:
 
 class Rows(NamedTuple):
   """How a call's rows make its statistics: `reduce` (K-FAC-reduce: an example's positions
-  summed first) and `stride` (only every `stride`-th example, `value_grad_and_stats(subsample=)`)."""
+  summed first), `stride` (only every `stride`-th example, `value_grad_and_stats(subsample=)`)
+  and `positions` (only every `positions`-th position of each example, expand only;
+  `value_grad_and_stats(subsample_positions=)`)."""
 
   reduce: bool = False
   stride: int = 1
+  positions: int = 1
 
 
 def every(stride: int, *xs: jax.Array) -> tuple[tuple[jax.Array, ...], float]:
@@ -130,6 +133,10 @@ def kronecker_terms(
   over examples, is multiplied by `scale` (and by E / E_kept when `rows.stride` keeps only some)."""
   (a, dy), kept = every(rows.stride, a, dy)
   scale = scale * kept
+  if rows.positions > 1:  # every k-th position of each example, G scaled to all of them
+    positions = a.shape[1]
+    a, dy = a[:, ::rows.positions], dy[:, ::rows.positions]
+    scale = scale * positions / a.shape[1]
   if rows.reduce:
     a, dy = _f32(a).mean(1, keepdims=True), _f32(dy).sum(1, keepdims=True)
   count = a.shape[0] * a.shape[1]
@@ -439,9 +446,17 @@ def patch_positions(config: ConvConfig, spatial: tuple[int, ...]) -> np.ndarray 
   return np.where(ones == 1, np.rint(out).astype(np.int64) - 1, -1)
 
 
-def conv_patches(config: ConvConfig, x: jax.Array) -> jax.Array:
-  """`(E, T, K * C)` input patches of a conv call in kernel `(window..., C)` order: one gather
-  of `x` (a zero row for padding) at `patch_positions`, else the one-hot conv per channel."""
+def lattice(spatial: tuple[int, ...], k: int) -> np.ndarray:
+  """Flat indices of the positions of a `spatial` grid whose coordinates sum to a multiple of
+  `k`: about 1/k of them, on every row and column alike (borders included)."""
+  coords = np.indices(spatial).reshape(len(spatial), -1)
+  return np.flatnonzero(coords.sum(0) % k == 0)
+
+
+def conv_patches(config: ConvConfig, x: jax.Array, keep: np.ndarray | None = None) -> jax.Array:
+  """`(E, T, K * C)` input patches of a conv call in kernel `(window..., C)` order (only the
+  output positions `keep`, if given): one gather of `x` (a zero row for padding) at
+  `patch_positions`, else the one-hot conv per channel."""
   batch = x.ndim - len(config.window) - 1
   e = math.prod(x.shape[:batch]) if batch else 1
   spatial = x.shape[batch:-1]
@@ -451,7 +466,9 @@ def conv_patches(config: ConvConfig, x: jax.Array) -> jax.Array:
     with _internal():
       patches = jax.vmap(lambda xc: config.patch(onehot, xc[..., None]), in_axes=-1,
                          out_axes=-1)(x)  # (..., *out, K, C)
-    return patches.astype(x.dtype).reshape(e, -1, onehot.shape[-1] * config.in_features)
+    patches = patches.astype(x.dtype).reshape(e, -1, onehot.shape[-1] * config.in_features)
+    return patches if keep is None else patches[:, keep]
+  positions = positions if keep is None else positions[keep]
   size = math.prod(spatial)
   rows = jnp.concatenate([x.reshape(e, size, -1), jnp.zeros((e, 1, x.shape[-1]), x.dtype)], 1)
   patches = rows[:, np.where(positions < 0, size, positions)]  # (E, T, K, C)
@@ -465,7 +482,14 @@ def _conv_stats(spec: Spec, saved: Any, dy: jax.Array, rows: Rows,
   if x.ndim == len(config.window) + 2:  # one batch axis: subsample before extracting patches
     (x, dy), scale = every(rows.stride, x, dy)
     rows = rows._replace(stride=1)
-  patches = conv_patches(config, x)
+  keep = None
+  if rows.positions > 1:  # a lattice of output positions, chosen before the patches are gathered
+    batch = dy.ndim - len(config.window) - 1
+    keep = lattice(dy.shape[batch:-1], rows.positions)
+    scale *= math.prod(dy.shape[batch:-1]) / keep.size
+    dy = dy.reshape(dy.shape[:batch] + (-1, dy.shape[-1]))[..., keep, :]
+    rows = rows._replace(positions=1)
+  patches = conv_patches(config, x, keep)
   e, t = patches.shape[:2]
   g, k = config.groups, math.prod(config.window)
   a = patches.reshape(e, t, k, g, -1).transpose(0, 1, 3, 2, 4).reshape(e, t, g, -1)

@@ -307,6 +307,10 @@ def test_errors():
     kfax.value_grad_and_stats(ce, fallback='identity')
   with pytest.raises(ValueError, match=r'`subsample` must be an integer >= 1 .*got 0'):
     kfax.value_grad_and_stats(ce, subsample=0)
+  with pytest.raises(ValueError, match=r'`subsample_positions` must be an integer >= 1, got 1.5'):
+    kfax.value_grad_and_stats(ce, subsample_positions=1.5)
+  with pytest.raises(ValueError, match=r'sequence="reduce" sums them first'):
+    kfax.value_grad_and_stats(ce, subsample_positions=2, sequence='reduce')
   with pytest.raises(ValueError, match=r'fisher="mc" samples targets and needs a PRNG key'):
     kfax.value_grad_and_stats(ce)(params)  # "mc" is the default
   plain = lambda p: optax.softmax_cross_entropy_with_integer_labels(
@@ -366,3 +370,42 @@ def test_subsample_equals_the_statistics_of_the_kept_examples(x64, sequence):
   _, full_grads, full = fn(1)(params, image, tokens, targets)
   jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-12, atol=1e-15), grads, full_grads)
   assert relative_error(stats['Conv_0']['a_factor'], full['Conv_0']['a_factor']) > 1e-3
+
+
+@pytest.mark.parametrize('k', [2, 3])
+def test_subsample_positions_are_the_statistics_of_the_kept_positions(x64, k):
+  """`subsample_positions=k`: a conv's A and G from the output positions whose coordinates sum
+  to a multiple of k (explicit im2col), a Dense over tokens' from every k-th token; G scaled by
+  all positions over the kept ones."""
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = jnp.tanh(nn.Conv(3, (3, 3))(x)).reshape(x.shape[0], -1, 3)  # 30 tokens
+      return nn.Dense(2)(h).mean(1)
+
+  model = Net()
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 2), jnp.float64)
+  y = jnp.array([0, 1])
+  params = jax.jit(lambda key: _f64(model.init(key, x)['params']))(jax.random.key(1))
+  loss_fn = lambda p: kfax.softmax_cross_entropy(model.apply({'params': p}, x), y)
+  grad_fn = kfax.value_grad_and_stats(loss_fn, fisher='empirical', subsample_positions=k)
+  _, _, stats = jax.jit(grad_fn)(params)
+  conv = nn.Conv(3, (3, 3)).apply({'params': params['Conv_0']}, x)
+  h = jnp.tanh(conv).reshape(2, 30, 3)
+  head = lambda z: kfax.softmax_cross_entropy(z.mean(1), y)  # z: the Dense outputs
+  dense = lambda h: nn.Dense(2).apply({'params': params['Dense_0']}, h)
+  dz = np.asarray(jax.grad(head)(dense(h)))
+  dconv = np.asarray(jax.grad(lambda c: head(dense(jnp.tanh(c).reshape(2, 30, 3))))(conv))
+  with_ones = lambda r: np.concatenate([r, np.ones((len(r), 1))], axis=1)
+
+  def check(name, rows, dy, kept):
+    assert_close(stats[name]['a_factor'], rows.T @ rows / len(rows), rtol=1e-10, atol=1e-14)
+    assert_close(stats[name]['g_factor'], 2 * dy.T @ dy * 30 / kept, rtol=1e-10, atol=1e-14)
+
+  keep = np.flatnonzero(np.indices((5, 6)).sum(0).reshape(-1) % k == 0)
+  patches = im2col(np.asarray(x), (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1))
+  check('Conv_0', with_ones(patches[:, keep].reshape(-1, 18)),
+        dconv.reshape(2, 30, 3)[:, keep].reshape(-1, 3), keep.size)
+  check('Dense_0', with_ones(np.asarray(h)[:, ::k].reshape(-1, 3)),
+        dz[:, ::k].reshape(-1, 2), len(range(0, 30, k)))

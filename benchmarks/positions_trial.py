@@ -1,0 +1,77 @@
+"""Trial: K-FAC statistics from a lattice of positions (`subsample_positions=k`) on race tasks.
+
+Each task runs Adam and kfax at the race's best configurations (`results/race.json`), kfax with
+statistics from every position (k=1) and from the lattice of positions whose coordinates sum to
+a multiple of k (k=2, 4), on `--seeds` seeds, interleaved as in `race.py`. Writes
+`results/positions_trial.{json,md}`.
+
+  python benchmarks/positions_trial.py --tasks resnet,cnn --seeds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import race  # noqa: E402
+
+TASKS = {'resnet': race.resnet_task, 'cnn': lambda: race.classifier_task('cnn'),
+         'lm': race.lm_task}
+STRIDES = (1, 2, 4)
+
+
+def best(results: dict, task: str, contestant: str) -> race.Config:
+  """`contestant`'s best configuration in the race of `results` (without its subsample)."""
+  r = next(r for r in results[task]['race'] if r['contestant'] == contestant)
+  options = tuple((k, v) for k, v in r['options'].items() if k != 'subsample')
+  return race.Config(contestant, r['lr'], options)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--tasks', default='resnet,cnn')
+  parser.add_argument('--seeds', type=int, default=10)
+  parser.add_argument('--race_json', default=str(race.RESULTS / 'race.json'))
+  parser.add_argument('--out', default=str(race.RESULTS / 'positions_trial.json'))
+  parser.add_argument('--md', default=str(race.RESULTS / 'positions_trial.md'))
+  args = parser.parse_args()
+  results = json.loads(Path(args.race_json).read_text())['results']
+  out, lines = {}, [
+      '# Trial: statistics from a lattice of positions', '',
+      f'`python benchmarks/positions_trial.py --tasks {args.tasks} --seeds {args.seeds}`; '
+      f'{race.cpu_model()}, jax {race.jax.__version__}, {time.strftime("%Y-%m-%d")}. Medians over '
+      'seeds; seconds count the jitted steps only, runs interleaved.', '',
+      '| task | configuration | median steps | median seconds | ms/step | steps per seed |',
+      '|---|---|---|---|---|---|']
+  for name in args.tasks.split(','):
+    arena = race.Arena(TASKS[name](), {})
+    kfax_best, adam_best = best(results, name, 'kfax'), best(results, name, 'adam')
+    configs = [adam_best] + [
+        race.Config('kfax', kfax_best.lr, kfax_best.options + ((('positions', k),) if k > 1
+                                                               else ())) for k in STRIDES]
+    rows = race.run_configs(arena, configs, list(range(args.seeds)), 10, 5.0)
+    out[name] = rows
+    for r in rows:
+      inf = lambda v: math.inf if v is None else v  # a run that missed the target
+      steps, seconds = [inf(n) for n in r['steps']], [inf(s) for s in r['seconds']]
+      per_step = statistics.median(s / n * 1e3 for s, n in zip(seconds, steps)
+                                   if math.isfinite(n))
+      lines.append(f'| {name} | {r["label"]} | {statistics.median(steps):g} | '
+                   f'{statistics.median(seconds):.3f} | {per_step:.2f} | '
+                   f'{", ".join(f"{s:g}" for s in steps)} |')
+  Path(args.out).write_text(json.dumps(out, indent=1, default=float))
+  Path(args.md).write_text('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  main()
