@@ -511,7 +511,8 @@ def compile_steps(task: Task, config: Config, table: kfax.LayerTable,
   is_kfax = config.contestant in KFAX
   grad_fn = kfax.value_grad_and_stats(task.loss, has_aux=True, fisher='mc',
                                       subsample=config.option('subsample', 1),
-                                      subsample_positions=config.option('positions', 1))
+                                      subsample_positions=config.option('positions', 1),
+                                      stats_dtype=config.option('stats_dtype'))
 
   def extra(params, rest, batch):  # the quadratic model's products and loss of this batch
     if config.contestant != 'kfax_qm':

@@ -157,15 +157,22 @@ def plain_step_fn(loss_fn: Callable, tx: optax.GradientTransformation) -> Callab
   return step
 
 
-def stats_fn(loss_fn: Callable, subsample: int = 1) -> Callable:
-  """kfax's loss, gradients and statistics (MC Fisher; from every `subsample`-th example)."""
-  return kfax.value_grad_and_stats(loss_fn, has_aux=True, fisher='mc', subsample=subsample)
+def stats_fn(loss_fn: Callable, **options: Any) -> Callable:
+  """kfax's loss, gradients and statistics (MC Fisher; `options`: `subsample`,
+  `subsample_positions`, `stats_dtype` of `kfax.value_grad_and_stats`)."""
+  return kfax.value_grad_and_stats(loss_fn, has_aux=True, fisher='mc', **options)
+
+
+def stats_options(args: argparse.Namespace) -> dict[str, Any]:
+  """The statistics options of the command line."""
+  return {'subsample': args.subsample, 'subsample_positions': args.subsample_positions,
+          'stats_dtype': args.stats_dtype}
 
 
 def stats_step_fn(loss_fn: Callable, tx: optax.GradientTransformation,
-                  subsample: int = 1) -> Callable:
+                  **options: Any) -> Callable:
   """kfax's step with statistics (MC Fisher)."""
-  grad_fn = stats_fn(loss_fn, subsample)
+  grad_fn = stats_fn(loss_fn, **options)
 
   def step(state: TrainState, x, y, key):
     params, batch_stats, opt_state = state
@@ -350,7 +357,7 @@ def kfax_series(problem: Problem, mode: str, args: argparse.Namespace,
   opt_bytes = state_bytes(state[2])
   dtypes = sorted({str(leaf.dtype) for leaf in jax.tree.leaves(state[2][0])
                    if jnp.issubdtype(leaf.dtype, jnp.floating)})
-  stats_step, stats_info = compiler(stats_step_fn(loss_fn, tx, args.subsample), state, problem)
+  stats_step, stats_info = compiler(stats_step_fn(loss_fn, tx, **stats_options(args)), state, problem)
   plain_step, plain_info = compiler(plain_step_fn(loss_fn, tx), state, problem)
   keys = jax.random.split(jax.random.key(1), args.warmup + max(args.steps, args.check_steps))
   run_stats = lambda s, i: stats_step(s, problem.x, problem.y, keys[i])[0]
@@ -703,6 +710,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument('--damping', type=float, default=1e-3)
   p.add_argument('--subsample', type=int, default=1,
                  help="kfax statistics from every k-th example (value_grad_and_stats(subsample=))")
+  p.add_argument('--subsample_positions', type=int, default=1,
+                 help='kfax statistics from about 1/k of the positions'
+                      ' (value_grad_and_stats(subsample_positions=))')
+  p.add_argument('--stats_dtype', choices=('bfloat16',), default=None,
+                 help='kfax statistics rows rounded to bfloat16, accumulated in float32'
+                      ' (value_grad_and_stats(stats_dtype=))')
   p.add_argument('--damping_modes', default='eigen,factored',
                  help='kfax modes; kfac-jax runs use_exact_inverses for eigen')
   p.add_argument('--check_steps', type=int, default=100,

@@ -198,6 +198,9 @@ def parse_args(task: Task, doc: str, argv: list[str] | None = None) -> argparse.
   add('--subsample_positions', type=int, default=1, metavar='K',
       help='K-FAC conv statistics from about 1/K of the output positions, on a lattice'
            ' (value_grad_and_stats(subsample_positions=K))')
+  add('--stats_dtype', choices=('bfloat16',), default=None,
+      help='K-FAC statistics rows rounded to bfloat16, products accumulated in float32'
+           ' (value_grad_and_stats(stats_dtype=)); default: the model\'s compute dtype')
   add('--comm_dtype', choices=('float32', 'bfloat16'), default='float32',
       help="dtype of kfax's statistics all-reduce")
   add('--gather', choices=('decompositions', 'gradients'), default='decompositions',
@@ -575,7 +578,8 @@ def make_loss(model: nn.Module) -> Callable:
 def stats_fn(model: nn.Module, args: argparse.Namespace) -> Callable:
   return kfax.value_grad_and_stats(make_loss(model), has_aux=True, fisher=args.fisher,
                                    subsample=args.subsample,
-                                   subsample_positions=args.subsample_positions)
+                                   subsample_positions=args.subsample_positions,
+                                   stats_dtype=args.stats_dtype)
 
 
 def layer_table(model: nn.Module, args: argparse.Namespace, mesh: Mesh, params: Any,

@@ -464,6 +464,14 @@ def _examples(marks: list[_Mark], args: tuple) -> jax.Array:
   return jnp.ones((), jnp.float32)
 
 
+def _dtype_name(dtype: Any) -> str | None:
+  """`jnp.dtype(dtype).name`, or None for what is not a dtype."""
+  try:
+    return jnp.dtype(dtype).name
+  except TypeError:
+    return None
+
+
 def value_grad_and_stats(
     loss_fn: Callable[..., Any],
     *,
@@ -474,6 +482,7 @@ def value_grad_and_stats(
     max_factor_dim: int = 8192,
     subsample: int = 1,
     subsample_positions: int = 1,
+    stats_dtype: str | None = None,
 ) -> Callable[..., tuple[Any, Any, Stats]]:
   """Wraps a Flax loss to return the loss, its gradients and this batch's K-FAC statistics.
 
@@ -520,6 +529,11 @@ def value_grad_and_stats(
       alike), every k-th position elsewhere. Neighbouring positions are correlated, so this
       keeps more of the statistics than `subsample=k` at the same cost. Expand only (reduce
       sums the positions first, so there is nothing to save).
+    stats_dtype: `"bfloat16"` (or `jnp.bfloat16`) rounds the inputs and output gradients of
+      the Kronecker statistics to bfloat16 before their products, which still accumulate in
+      float32 (the factors stay float32): the statistics matmuls at bfloat16 rates for a
+      float32 model, on accelerators and on CPUs with bfloat16 dot instructions. None (the
+      default) takes them in the dtype the layer computes in.
 
   Returns:
     `f(params_or_model, *args, rng=None, **kwargs) -> (loss or (loss, aux), grads, stats)`.
@@ -553,7 +567,12 @@ def value_grad_and_stats(
     raise ValueError('kfax.value_grad_and_stats: `subsample_positions` thins the positions that'
                      ' sequence="expand" treats as examples; sequence="reduce" sums them first,'
                      ' so there is nothing to thin. Use `subsample` (examples) instead.')
-  rows = _kinds.Rows(sequence == 'reduce', subsample, subsample_positions)
+  if stats_dtype is not None and _dtype_name(stats_dtype) != 'bfloat16':
+    raise ValueError('kfax.value_grad_and_stats: `stats_dtype` must be None or "bfloat16" (whose'
+                     ' range is float32\'s: float16 would flush small output gradients to zero),'
+                     f' got {stats_dtype!r}.')
+  rows = _kinds.Rows(sequence == 'reduce', subsample, subsample_positions,
+                     None if stats_dtype is None else jnp.dtype(jnp.bfloat16))
   takes_rng = _takes_rng(loss_fn)
 
   def run(front: Any, params: Any, state: Any, accs: dict | None, trace: _Trace, args: tuple,

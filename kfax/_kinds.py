@@ -102,13 +102,15 @@ def _f32(x: jax.Array) -> jax.Array:
 
 class Rows(NamedTuple):
   """How a call's rows make its statistics: `reduce` (K-FAC-reduce: an example's positions
-  summed first), `stride` (only every `stride`-th example, `value_grad_and_stats(subsample=)`)
-  and `positions` (only every `positions`-th position of each example, expand only;
-  `value_grad_and_stats(subsample_positions=)`)."""
+  summed first), `stride` (only every `stride`-th example, `value_grad_and_stats(subsample=)`),
+  `positions` (only every `positions`-th position of each example, expand only;
+  `subsample_positions=`) and `dtype` (the rows rounded to it before their products, which
+  still accumulate in float32; `stats_dtype=`; None: as the layer computes them)."""
 
   reduce: bool = False
   stride: int = 1
   positions: int = 1
+  dtype: Any = None
 
 
 def every(stride: int, *xs: jax.Array) -> tuple[tuple[jax.Array, ...], float]:
@@ -139,6 +141,8 @@ def kronecker_terms(
     scale = scale * positions / a.shape[1]
   if rows.reduce:
     a, dy = _f32(a).mean(1, keepdims=True), _f32(dy).sum(1, keepdims=True)
+  if rows.dtype is not None:
+    a, dy = a.astype(rows.dtype), dy.astype(rows.dtype)
   count = a.shape[0] * a.shape[1]
   return {'a_factor': second_moment(a, diag[0]) / count,
           'g_factor': second_moment(dy, diag[1]) * scale}
@@ -489,6 +493,8 @@ def _conv_stats(spec: Spec, saved: Any, dy: jax.Array, rows: Rows,
     scale *= math.prod(dy.shape[batch:-1]) / keep.size
     dy = dy.reshape(dy.shape[:batch] + (-1, dy.shape[-1]))[..., keep, :]
     rows = rows._replace(positions=1)
+  if rows.dtype is not None:  # rounded before the gather: the patches move fewer bytes
+    x = x.astype(rows.dtype)
   patches = conv_patches(config, x, keep)
   e, t = patches.shape[:2]
   g, k = config.groups, math.prod(config.window)

@@ -311,6 +311,9 @@ def test_errors():
     kfax.value_grad_and_stats(ce, subsample_positions=1.5)
   with pytest.raises(ValueError, match=r'sequence="reduce" sums them first'):
     kfax.value_grad_and_stats(ce, subsample_positions=2, sequence='reduce')
+  with pytest.raises(ValueError, match=r'`stats_dtype` must be None or "bfloat16" .*got'
+                     r' \'float16\''):
+    kfax.value_grad_and_stats(ce, stats_dtype='float16')
   with pytest.raises(ValueError, match=r'fisher="mc" samples targets and needs a PRNG key'):
     kfax.value_grad_and_stats(ce)(params)  # "mc" is the default
   plain = lambda p: optax.softmax_cross_entropy_with_integer_labels(
@@ -372,11 +375,13 @@ def test_subsample_equals_the_statistics_of_the_kept_examples(x64, sequence):
   assert relative_error(stats['Conv_0']['a_factor'], full['Conv_0']['a_factor']) > 1e-3
 
 
-@pytest.mark.parametrize('k', [2, 3])
-def test_subsample_positions_are_the_statistics_of_the_kept_positions(x64, k):
+@pytest.mark.parametrize('k, stats_dtype', [(2, None), (3, None), (1, 'bfloat16')])
+def test_subsample_positions_and_stats_dtype_are_the_statistics_of_the_kept_rounded_rows(
+    x64, k, stats_dtype):
   """`subsample_positions=k`: a conv's A and G from the output positions whose coordinates sum
   to a multiple of k (explicit im2col), a Dense over tokens' from every k-th token; G scaled by
-  all positions over the kept ones."""
+  all positions over the kept ones. `stats_dtype="bfloat16"`: from the rows rounded to bfloat16,
+  their products accumulated in float32 (not bfloat16, which would miss by about 1e-3)."""
 
   class Net(nn.Module):
     @nn.compact
@@ -389,7 +394,8 @@ def test_subsample_positions_are_the_statistics_of_the_kept_positions(x64, k):
   y = jnp.array([0, 1])
   params = jax.jit(lambda key: _f64(model.init(key, x)['params']))(jax.random.key(1))
   loss_fn = lambda p: kfax.softmax_cross_entropy(model.apply({'params': p}, x), y)
-  grad_fn = kfax.value_grad_and_stats(loss_fn, fisher='empirical', subsample_positions=k)
+  grad_fn = kfax.value_grad_and_stats(loss_fn, fisher='empirical', subsample_positions=k,
+                                      stats_dtype=stats_dtype)
   _, _, stats = jax.jit(grad_fn)(params)
   conv = nn.Conv(3, (3, 3)).apply({'params': params['Conv_0']}, x)
   h = jnp.tanh(conv).reshape(2, 30, 3)
@@ -397,11 +403,15 @@ def test_subsample_positions_are_the_statistics_of_the_kept_positions(x64, k):
   dense = lambda h: nn.Dense(2).apply({'params': params['Dense_0']}, h)
   dz = np.asarray(jax.grad(head)(dense(h)))
   dconv = np.asarray(jax.grad(lambda c: head(dense(jnp.tanh(c).reshape(2, 30, 3))))(conv))
-  with_ones = lambda r: np.concatenate([r, np.ones((len(r), 1))], axis=1)
+  rounded = lambda r: r if stats_dtype is None else np.asarray(
+      jnp.asarray(r).astype(jnp.bfloat16)).astype(np.float64)
+  with_ones = lambda r: np.concatenate([rounded(r), np.ones((len(r), 1))], axis=1)
+  tol = dict(rtol=1e-10, atol=1e-14) if stats_dtype is None else dict(rtol=2e-6, atol=1e-9)
 
   def check(name, rows, dy, kept):
-    assert_close(stats[name]['a_factor'], rows.T @ rows / len(rows), rtol=1e-10, atol=1e-14)
-    assert_close(stats[name]['g_factor'], 2 * dy.T @ dy * 30 / kept, rtol=1e-10, atol=1e-14)
+    dy = rounded(dy)
+    assert_close(stats[name]['a_factor'], rows.T @ rows / len(rows), **tol)
+    assert_close(stats[name]['g_factor'], 2 * dy.T @ dy * 30 / kept, **tol)
 
   keep = np.flatnonzero(np.indices((5, 6)).sum(0).reshape(-1) % k == 0)
   patches = im2col(np.asarray(x), (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1))
@@ -409,3 +419,4 @@ def test_subsample_positions_are_the_statistics_of_the_kept_positions(x64, k):
         dconv.reshape(2, 30, 3)[:, keep].reshape(-1, 3), keep.size)
   check('Dense_0', with_ones(np.asarray(h)[:, ::k].reshape(-1, 3)),
         dz[:, ::k].reshape(-1, 2), len(range(0, 30, k)))
+

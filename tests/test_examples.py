@@ -52,8 +52,8 @@ RUNS = {  # the longest first
                           '--width', '4', '--image_size', '16', '--batch_size', '16', '--steps',
                           '3', '--eval_every', '2', '--log_every', '1', '--stats_every', '1',
                           '--loader_workers', '2', '--log_dir', '{out}/cifar10-imagelist-logs',
-                          '--subsample', '2', '--subsample_positions', '2', '--refresh',
-                          'staggered', '--inverse_every', '2'],
+                          '--subsample', '2', '--subsample_positions', '2', '--stats_dtype',
+                          'bfloat16', '--refresh', 'staggered', '--inverse_every', '2'],
 }
 # `python -c MOCK_TFDS.format(n) script.py flags`: the script with every tfds split replaced by n
 # random examples of the dataset's shapes.
@@ -181,12 +181,13 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_parameters(results):
 def test_cifar10_example_trains_from_an_image_list(results):
   """`--data imagelist`: CIFAR-10's script on 64 generated JPEGs of varied sizes (decoded,
   cropped and flipped by examples/_data.py), evaluated at step 2 and at the end; also with
-  statistics from every second example and about half the conv positions, and staggered
-  refreshes."""
+  statistics from every second example and about half the conv positions, rounded to
+  bfloat16, and staggered refreshes."""
   result = results['cifar10-imagelist']
   assert result['steps'] == 3 and result['args']['data'] == 'imagelist'
   assert (result['args']['subsample'], result['args']['subsample_positions'],
-          result['args']['refresh']) == (2, 2, 'staggered')
+          result['args']['stats_dtype'], result['args']['refresh']) == (2, 2, 'bfloat16',
+                                                                        'staggered')
   assert all(math.isfinite(e['loss']) for e in result['losses'])
   assert [e['step'] for e in result['evals']] == [2, 3]
   assert (results['out'] / 'cifar10-imagelist-logs' / 'metrics.csv').exists()

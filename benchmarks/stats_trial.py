@@ -1,11 +1,14 @@
-"""Trial: K-FAC statistics from a lattice of positions (`subsample_positions=k`) on race tasks.
+"""Trial of kfax's statistics options on race tasks: `subsample_positions` and `stats_dtype`.
 
-Each task runs Adam and kfax at the race's best configurations (`results/race.json`), kfax with
-statistics from every position (k=1) and from the lattice of positions whose coordinates sum to
-a multiple of k (k=2, 4), on `--seeds` seeds, interleaved as in `race.py`. Writes
-`results/positions_trial.{json,md}`.
+Each task runs Adam and kfax at the race's best configurations (`results/race.json`), kfax as
+it is and with each of `--variants` (`value_grad_and_stats` options; `positions k`: statistics
+from the lattice of positions whose coordinates sum to a multiple of k; `stats_dtype bfloat16`:
+statistics rows rounded to bfloat16, accumulated in float32), on `--seeds` seeds, interleaved
+as in `race.py`. Writes `--out` and `--md`:
 
-  python benchmarks/positions_trial.py --tasks resnet,cnn --seeds 10
+  python benchmarks/stats_trial.py --tasks resnet,cnn,lm --seeds 10   # positions 2 and 4
+  python benchmarks/stats_trial.py --tasks resnet,cnn,lm --seeds 10 \
+      --variants "stats_dtype bfloat16" --name stats_dtype_trial
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ import race  # noqa: E402
 
 TASKS = {'resnet': race.resnet_task, 'cnn': lambda: race.classifier_task('cnn'),
          'lm': race.lm_task}
-STRIDES = (1, 2, 4)
+
+
+def variant(text: str) -> tuple[str, object]:
+  """'positions 2' -> ('positions', 2); 'stats_dtype bfloat16' -> ('stats_dtype', 'bfloat16')."""
+  key, value = text.split()
+  return key, int(value) if value.isdigit() else value
 
 
 def best(results: dict, task: str, contestant: str) -> race.Config:
@@ -38,16 +46,20 @@ def best(results: dict, task: str, contestant: str) -> race.Config:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--tasks', default='resnet,cnn')
+  parser.add_argument('--tasks', default='resnet,cnn,lm')
   parser.add_argument('--seeds', type=int, default=10)
+  parser.add_argument('--variants', default='positions 2;positions 4',
+                      help="';'-separated kfax options, each 'name value'")
   parser.add_argument('--race_json', default=str(race.RESULTS / 'race.json'))
-  parser.add_argument('--out', default=str(race.RESULTS / 'positions_trial.json'))
-  parser.add_argument('--md', default=str(race.RESULTS / 'positions_trial.md'))
+  parser.add_argument('--name', default='positions_trial',
+                      help='results/NAME.json and .md')
   args = parser.parse_args()
+  variants = [variant(v) for v in args.variants.split(';')]
   results = json.loads(Path(args.race_json).read_text())['results']
   out, lines = {}, [
-      '# Trial: statistics from a lattice of positions', '',
-      f'`python benchmarks/positions_trial.py --tasks {args.tasks} --seeds {args.seeds}`; '
+      f'# Trial of kfax statistics options: {args.variants}', '',
+      f'`python benchmarks/stats_trial.py --tasks {args.tasks} --seeds {args.seeds} --variants'
+      f' "{args.variants}" --name {args.name}`; '
       f'{race.cpu_model()}, jax {race.jax.__version__}, {time.strftime("%Y-%m-%d")}. Medians over '
       'seeds; seconds count the jitted steps only, runs interleaved.', '',
       '| task | configuration | median steps | median seconds | ms/step | steps per seed |',
@@ -55,9 +67,8 @@ def main() -> None:
   for name in args.tasks.split(','):
     arena = race.Arena(TASKS[name](), {})
     kfax_best, adam_best = best(results, name, 'kfax'), best(results, name, 'adam')
-    configs = [adam_best] + [
-        race.Config('kfax', kfax_best.lr, kfax_best.options + ((('positions', k),) if k > 1
-                                                               else ())) for k in STRIDES]
+    configs = [adam_best, kfax_best] + [
+        race.Config('kfax', kfax_best.lr, kfax_best.options + (v,)) for v in variants]
     rows = race.run_configs(arena, configs, list(range(args.seeds)), 10, 5.0)
     out[name] = rows
     for r in rows:
@@ -68,8 +79,8 @@ def main() -> None:
       lines.append(f'| {name} | {r["label"]} | {statistics.median(steps):g} | '
                    f'{statistics.median(seconds):.3f} | {per_step:.2f} | '
                    f'{", ".join(f"{s:g}" for s in steps)} |')
-  Path(args.out).write_text(json.dumps(out, indent=1, default=float))
-  Path(args.md).write_text('\n'.join(lines) + '\n')
+  (race.RESULTS / f'{args.name}.json').write_text(json.dumps(out, indent=1, default=float))
+  (race.RESULTS / f'{args.name}.md').write_text('\n'.join(lines) + '\n')
   print('\n'.join(lines))
 
 
