@@ -110,7 +110,7 @@ class Rows(NamedTuple):
   reduce: bool = False
   stride: int = 1
   positions: int = 1
-  dtype: Any = None
+  dtype: np.dtype | None = None
 
 
 def every(stride: int, *xs: jax.Array) -> tuple[tuple[jax.Array, ...], float]:
