@@ -20,9 +20,10 @@ Contestants (each tuned on a learning-rate grid):
   (factored damping, norm constraint 1e-3, EMA 0.95: kfac's defaults) with statistics (MC
   Fisher, `kfax.value_grad_and_stats(loss, fisher='mc')`, passed as `stats=`) every `s` steps and
   plain `jax.value_and_grad` steps with `stats=None` in between; d in {1e-4, 1e-3} with
-  (s, i) = (5, 10), then (s, i) in {(1, 10), (10, 20)} in the second stage, then statistics
-  from every k-th example (`value_grad_and_stats(subsample=k)`), k in {2, 4}, at the best so far
-  in the third;
+  (s, i) = (5, 10), then (s, i) in {(1, 10), (10, 20)} in the second stage, then, at the best
+  so far, the statistics options of `kfax.value_grad_and_stats` in the third: from every k-th
+  example (`subsample=k`, k in {2, 4}), from half the positions (`subsample_positions=2`), and
+  rounded to bfloat16 (`stats_dtype="bfloat16"`);
 - `kfax_qm`: `kfax.quadratic_model(kfax.kfac(table, damping=d, inverse_every=i,
   norm_constraint=None))`, with no learning rate and no momentum to tune (the quadratic model
   chooses both every step, and adapts its own damping from initial_damping 1); the same
@@ -65,7 +66,7 @@ inverse roots on CPU); the tables say where it stopped a run.
 
 1. Grid pass, seed 0: every learning rate of the grid with every first-stage setting; then the
    second-stage settings at each contestant's best rate, then the third stage's (kfax's
-   subsample) at the best after that; then, where a contestant's best rate is
+   statistics options) at the best after that; then, where a contestant's best rate is
    the lowest or highest it tried, the next rate beyond (x or / the grid ratio), up to `--extend`
    times. A contestant's best reaches the target in the fewest seconds (then steps; if none
    arrives, the best metric).
@@ -383,7 +384,8 @@ KFAX_DAMPINGS = (1e-4, 1e-3)
 # (statistics every s steps, refresh every i updates): the first with the whole grid, the others
 # at the best learning rate and damping of the first (second stage).
 KFAX_PERIODS = ((5, 10), (1, 10), (10, 20))
-KFAX_SUBSAMPLES = (2, 4)  # value_grad_and_stats(subsample=k), third stage: at the best periods
+KFAX_STATS_OPTIONS = (('subsample', 2), ('subsample', 4), ('positions', 2),
+                      ('stats_dtype', 'bfloat16'))  # value_grad_and_stats; third stage
 CAP_FLOOR_S = 2.0  # no run stops at the time cap before its clock reaches this
 SHAMPOO_ROOTS_EVERY = (10, 50)  # Shampoo's preconditioning_compute_steps, as KFAX_PERIODS
 
@@ -440,11 +442,11 @@ def second_stage(best: Config) -> list[Config]:
 
 
 def third_stage(best: Config) -> list[Config]:
-  """kfax's statistics from every k-th example, at the best config after the periods."""
+  """kfax's statistics options, one at a time, at the best config after the periods."""
   if best.contestant not in KFAX:
     return []
-  return [dataclasses.replace(best, options=best.options + (('subsample', k),))
-          for k in KFAX_SUBSAMPLES]
+  return [dataclasses.replace(best, options=best.options + (option,))
+          for option in KFAX_STATS_OPTIONS]
 
 
 def unit_transform(config: Config, table: kfax.LayerTable,
@@ -745,7 +747,7 @@ def to_config(r: dict[str, Any]) -> Config:
 
 
 def grid_pass(arena: Arena, configs: list[Config], args: argparse.Namespace) -> list[dict]:
-  """Seed 0 on the grid, then the second stage's periods and the third stage's subsamples at
+  """Seed 0 on the grid, then the second stage's periods and the third stage's statistics at
   each contestant's best, then up to `--extend` rounds of rates beyond a best config's edge."""
   rows = run_configs(arena, configs, [0], args.eval_every, args.grid_cap)
   stages = () if args.quick else (('second', second_stage), ('third', third_stage))
@@ -925,7 +927,8 @@ CONTESTANT_NOTES = [
     '- psgd: `psgd_jax.kron.kron(lr)`, its defaults.',
     '- kfax: `optax.chain(kfax.kfac(table, damping=d, inverse_every=i), optax.sgd(lr,'
     ' momentum=0.9))` (factored damping, norm constraint 1e-3), MC-Fisher statistics every'
-    ' `stats_every` steps (from every `subsample`-th example where the config says so).',
+    ' `stats_every` steps (from every `subsample`-th example, from about half the positions'
+    ' (`positions 2`) or rounded to bfloat16 (`stats_dtype`) where the config says so).',
     '- kfax_qm: `kfax.quadratic_model(kfax.kfac(table, damping=d, inverse_every=i,'
     ' norm_constraint=None))`: learning rate and momentum from the quadratic model with exact'
     ' Gauss-Newton products, its damping adapted by the Levenberg-Marquardt rule from 1; no'
@@ -975,7 +978,8 @@ def markdown(results: dict[str, Any], record: dict[str, Any], command: str) -> s
       'Seconds count the jitted training steps only (compilation and evaluation excluded), each'
       ' chunk of `eval_every` steps ended by `jax.block_until_ready`; the runs of a phase are'
       ' interleaved chunk by chunk. Grid pass on seed 0 (learning rates, then the second-stage'
-      ' periods at the best rate, then kfax\'s `subsample` at the best so far, then rates beyond'
+      ' periods at the best rate, then kfax\'s statistics options at the best so far, then rates'
+      ' beyond'
       ' a grid edge); the best config of each'
       ' contestant (fewest seconds to the target) then runs on'
       f' {args["seeds"]} seed(s); the tables give medians, rows sorted by median seconds.'

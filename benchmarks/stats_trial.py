@@ -38,9 +38,10 @@ def variant(text: str) -> tuple[str, object]:
 
 
 def best(results: dict, task: str, contestant: str) -> race.Config:
-  """`contestant`'s best configuration in the race of `results` (without its subsample)."""
+  """`contestant`'s best configuration in the race of `results`, without statistics options."""
   r = next(r for r in results[task]['race'] if r['contestant'] == contestant)
-  options = tuple((k, v) for k, v in r['options'].items() if k != 'subsample')
+  options = tuple((k, v) for k, v in r['options'].items()
+                  if k not in dict(race.KFAX_STATS_OPTIONS))
   return race.Config(contestant, r['lr'], options)
 
 
