@@ -4,11 +4,11 @@ Each task runs Adam and kfax at the race's best configurations (`results/race.js
 it is and with each of `--variants` (`value_grad_and_stats` options; `positions k`: statistics
 from the lattice of positions whose coordinates sum to a multiple of k; `stats_dtype bfloat16`:
 statistics rows rounded to bfloat16, accumulated in float32), on `--seeds` seeds, interleaved
-as in `race.py`. Writes `--out` and `--md`:
+as in `race.py`. Writes `results/NAME.json` and `.md` (`--name`):
 
   python benchmarks/stats_trial.py --tasks resnet,cnn,lm --seeds 10   # positions 2 and 4
   python benchmarks/stats_trial.py --tasks resnet,cnn,lm --seeds 10 \
-      --variants "stats_dtype bfloat16" --name stats_dtype_trial
+      --variants "stats_dtype bfloat16;positions 2" --name stats_dtype_trial
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ def variant(text: str) -> tuple[str, object]:
   """'positions 2' -> ('positions', 2); 'stats_dtype bfloat16' -> ('stats_dtype', 'bfloat16')."""
   key, value = text.split()
   return key, int(value) if value.isdigit() else value
+
+
+def missed_as_inf(values: list) -> list[float]:
+  """A run that missed the target has no steps or seconds: infinite for the medians."""
+  return [math.inf if v is None else v for v in values]
 
 
 def best(results: dict, task: str, contestant: str) -> race.Config:
@@ -73,12 +78,11 @@ def main() -> None:
     rows = race.run_configs(arena, configs, list(range(args.seeds)), 10, 5.0)
     out[name] = rows
     for r in rows:
-      inf = lambda v: math.inf if v is None else v  # a run that missed the target
-      steps, seconds = [inf(n) for n in r['steps']], [inf(s) for s in r['seconds']]
-      per_step = statistics.median(s / n * 1e3 for s, n in zip(seconds, steps)
-                                   if math.isfinite(n))
+      steps, seconds = missed_as_inf(r['steps']), missed_as_inf(r['seconds'])
+      arrived = [s / n * 1e3 for s, n in zip(seconds, steps) if math.isfinite(n)]
+      per_step = f'{statistics.median(arrived):.2f}' if arrived else '-'
       lines.append(f'| {name} | {r["label"]} | {statistics.median(steps):g} | '
-                   f'{statistics.median(seconds):.3f} | {per_step:.2f} | '
+                   f'{statistics.median(seconds):.3f} | {per_step} | '
                    f'{", ".join(f"{s:g}" for s in steps)} |')
   (race.RESULTS / f'{args.name}.json').write_text(json.dumps(out, indent=1, default=float))
   (race.RESULTS / f'{args.name}.md').write_text('\n'.join(lines) + '\n')

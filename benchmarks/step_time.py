@@ -357,7 +357,8 @@ def kfax_series(problem: Problem, mode: str, args: argparse.Namespace,
   opt_bytes = state_bytes(state[2])
   dtypes = sorted({str(leaf.dtype) for leaf in jax.tree.leaves(state[2][0])
                    if jnp.issubdtype(leaf.dtype, jnp.floating)})
-  stats_step, stats_info = compiler(stats_step_fn(loss_fn, tx, **stats_options(args)), state, problem)
+  stats_step, stats_info = compiler(stats_step_fn(loss_fn, tx, **stats_options(args)), state,
+                                    problem)
   plain_step, plain_info = compiler(plain_step_fn(loss_fn, tx), state, problem)
   keys = jax.random.split(jax.random.key(1), args.warmup + max(args.steps, args.check_steps))
   run_stats = lambda s, i: stats_step(s, problem.x, problem.y, keys[i])[0]

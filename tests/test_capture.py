@@ -419,4 +419,3 @@ def test_subsample_positions_and_stats_dtype_are_the_statistics_of_the_kept_roun
         dconv.reshape(2, 30, 3)[:, keep].reshape(-1, 3), keep.size)
   check('Dense_0', with_ones(np.asarray(h)[:, ::k].reshape(-1, 3)),
         dz[:, ::k].reshape(-1, 2), len(range(0, 30, k)))
-
