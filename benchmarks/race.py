@@ -536,7 +536,8 @@ def compile_steps(task: Task, config: Config, table: kfax.LayerTable,
   begin = time.perf_counter()
   tx = transform(config, table, peers)
   is_kfax = config.contestant in KFAX
-  grad_fn = kfax.value_grad_and_stats(task.loss, has_aux=True, fisher='mc',
+  grad_fn = kfax.value_grad_and_stats(task.loss, has_aux=True,
+                                      fisher=config.option('fisher', 'mc'),
                                       subsample=config.option('subsample', 1),
                                       subsample_positions=config.option('positions', 1),
                                       stats_dtype=config.option('stats_dtype'))
@@ -1076,7 +1077,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--tasks', default=','.join(TASKS), help=f'from {",".join(TASKS)}')
   p.add_argument('--contestants', default=','.join(CONTESTANTS),
-                 help=f'from {",".join(LR_GRIDS)} (default: all but the trials, {",".join(TRIALS)})')
+                 help=f'from {",".join(LR_GRIDS)} (default: all but the trials,'
+                      f' {",".join(TRIALS)})')
   p.add_argument('--seeds', type=int, default=3, help='seeds of the race of the best configs')
   p.add_argument('--eval_every', type=int, default=10)
   p.add_argument('--extend', type=int, default=2, help='rounds of grid-edge extension')

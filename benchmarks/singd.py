@@ -17,9 +17,9 @@ far from the roots cannot flip or blow them up. λ_A = π√λ and λ_G = √λ/
 damping with π from the batch's traces. The roots start exactly, `K = (U₀ + λ_A)^(-1/2)` from
 one eigendecomposition at the first statistics, so that the first update equals kfac's
 (`check_first_update`); SINGD starts from `K = I` instead, which on these races of 30 to 300
-steps would spend most of them warming up. `K Kᵀ` is formed once per statistics step, so a step without statistics costs what kfac's
-does. Norm layers, embeddings' diagonal sides and fallbacks are kfac's (`kfax.kfac` over the rest
-of the table); the norm constraint covers every entry, as kfac's does.
+steps would spend most of them warming up. `K Kᵀ` is formed once per statistics step, so a step
+without statistics costs what kfac's does. Norm layers and fallbacks are kfac's (`kfax.kfac` over
+the rest of the table); the norm constraint covers every entry, as kfac's does.
 """
 
 from __future__ import annotations

@@ -1,14 +1,17 @@
-"""Trial of kfax's statistics options on race tasks: `subsample_positions` and `stats_dtype`.
+"""Trial of kfax's statistics options on race tasks (positions, bfloat16, empirical Fisher).
 
 Each task runs Adam and kfax at the race's best configurations (`results/race.json`), kfax as
 it is and with each of `--variants` (`value_grad_and_stats` options; `positions k`: statistics
 from the lattice of positions whose coordinates sum to a multiple of k; `stats_dtype bfloat16`:
-statistics rows rounded to bfloat16, accumulated in float32), on `--seeds` seeds, interleaved
-as in `race.py`. Writes `results/NAME.json` and `.md` (`--name`):
+statistics rows rounded to bfloat16, accumulated in float32; `fisher empirical`: G from the
+loss's own gradients, no MC backward), on `--seeds` seeds, interleaved as in `race.py`. Writes
+`results/NAME.json` and `.md` (`--name`):
 
   python benchmarks/stats_trial.py --tasks resnet,cnn,lm --seeds 10   # positions 2 and 4
   python benchmarks/stats_trial.py --tasks resnet,cnn,lm --seeds 10 \
       --variants "stats_dtype bfloat16;positions 2" --name stats_dtype_trial
+  python benchmarks/stats_trial.py --tasks mlp,cnn,autoencoder,lm,resnet --seeds 10 \
+      --variants "fisher empirical" --name fisher_trial
 """
 
 from __future__ import annotations
@@ -27,8 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import race  # noqa: E402
 
-TASKS = {'resnet': race.resnet_task, 'cnn': lambda: race.classifier_task('cnn'),
-         'lm': race.lm_task}
 
 
 def variant(text: str) -> tuple[str, object]:
@@ -71,7 +72,7 @@ def main() -> None:
       '| task | configuration | median steps | median seconds | ms/step | steps per seed |',
       '|---|---|---|---|---|---|']
   for name in args.tasks.split(','):
-    arena = race.Arena(TASKS[name](), {})
+    arena = race.Arena(race.TASKS[name](), {})
     kfax_best, adam_best = best(results, name, 'kfax'), best(results, name, 'adam')
     configs = [adam_best, kfax_best] + [
         race.Config('kfax', kfax_best.lr, kfax_best.options + (v,)) for v in variants]
