@@ -22,21 +22,14 @@ Contestants (each tuned on a learning-rate grid):
   plain `jax.value_and_grad` steps with `stats=None` in between; d in {1e-4, 1e-3} with
   (s, i) = (5, 10), then (s, i) in {(1, 10), (10, 20)} in the second stage, then, at the best
   so far, the statistics options of `kfax.value_grad_and_stats` in the third: from every k-th
-  example (`subsample=k`, k in {2, 4}), from half the positions (`subsample_positions=2`), and
-  rounded to bfloat16 (`stats_dtype="bfloat16"`);
+  example (`subsample=k`, k in {2, 4}), from half the positions (`subsample_positions=2`),
+  rounded to bfloat16 (`stats_dtype="bfloat16"`), and the empirical Fisher (`fisher="empirical"`:
+  G from the loss's own gradients, no MC backward pass);
 - `kfax_qm`: `kfax.quadratic_model(kfax.kfac(table, damping=d, inverse_every=i,
   norm_constraint=None))`, with no learning rate and no momentum to tune (the quadratic model
   chooses both every step, and adapts its own damping from initial_damping 1); the same
   damping and period grid as `kfax`. Its steps also compute the Gauss-Newton products (two
   Jacobian-vector products) and, every 5 steps, the loss before and after the update.
-
-A trial contestant, not in the default list (`--contestants adam,kfax,kfax_singd`):
-
-- `kfax_singd`: `optax.chain(singd.ikfac(table, damping=d, beta=b), optax.sgd(lr,
-  momentum=0.9))`, inverse-free K-FAC (SINGD's KFAC-like update, `benchmarks/singd.py`): the
-  Kronecker roots move by matrix products on each statistics step instead of being decomposed;
-  d in {1e-4, 1e-3} with s = 5 and b = 0.05 (kfac's EMA 0.95), then s in {1, 10}, then b in
-  {0.01, 0.2} in the third stage.
 
 Shampoo and PSGD are optional (`pip install -e ".[race]"`): a contestant whose package does not
 import is skipped with a printed line and listed in the results. Both need small aliases for
@@ -127,7 +120,6 @@ import kfax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402  (TinyLM, DigitsResNet)
-import singd  # noqa: E402  (kfax_singd, a trial contestant)
 import time_to_accuracy  # noqa: E402  (the digits example, loaded by load_digits_example())
 
 digits = time_to_accuracy.digits
@@ -384,23 +376,20 @@ class Config:
 
 LR_GRIDS = {'sgd': (0.03, 0.1, 0.3), 'adam': (1e-3, 3e-3, 1e-2), 'muon': (1e-2, 3e-2, 0.1),
             'shampoo': (1e-4, 3e-4, 1e-3), 'psgd': (1e-3, 3e-3, 1e-2), 'kfax': (0.03, 0.1, 0.3),
-            'kfax_qm': (1.0,),  # no rate: the quadratic model chooses it
-            'kfax_singd': (0.03, 0.1, 0.3)}
+            'kfax_qm': (1.0,)}  # no rate: the quadratic model chooses it
 QUICK_LR_GRIDS = {'sgd': (0.3,), 'adam': (1e-2,), 'muon': (3e-2,), 'shampoo': (3e-4,),
-                  'psgd': (3e-3,), 'kfax': (0.1,), 'kfax_qm': (1.0,), 'kfax_singd': (0.1,)}
-TRIALS = ('kfax_singd',)  # raced on request only
-CONTESTANTS = tuple(c for c in LR_GRIDS if c not in TRIALS)
-KFAX = ('kfax', 'kfax_qm', 'kfax_singd')  # the contestants with statistics steps
+                  'psgd': (3e-3,), 'kfax': (0.1,), 'kfax_qm': (1.0,)}
+CONTESTANTS = tuple(LR_GRIDS)
+KFAX = ('kfax', 'kfax_qm')  # the contestants with statistics steps
 KFAX_DAMPINGS = (1e-4, 1e-3)
 # (statistics every s steps, refresh every i updates): the first with the whole grid, the others
 # at the best learning rate and damping of the first (second stage).
 KFAX_PERIODS = ((5, 10), (1, 10), (10, 20))
 KFAX_STATS_OPTIONS = (('subsample', 2), ('subsample', 4), ('positions', 2),
-                      ('stats_dtype', 'bfloat16'))  # value_grad_and_stats; third stage
+                      ('stats_dtype', 'bfloat16'),
+                      ('fisher', 'empirical'))  # value_grad_and_stats; third stage
 CAP_FLOOR_S = 2.0  # no run stops at the time cap before its clock reaches this
 SHAMPOO_ROOTS_EVERY = (10, 50)  # Shampoo's preconditioning_compute_steps, as KFAX_PERIODS
-SINGD_STATS_EVERY = (5, 1, 10)  # kfax_singd: the first stage's period, then the second's
-SINGD_BETAS = (0.05, 0.01, 0.2)  # kfax_singd: the roots' step; the others in the third stage
 
 
 def muon_matrices(params: Any) -> Any:
@@ -438,9 +427,6 @@ def variants(contestant: str, params: Any, quick: bool) -> list[Options]:
     return muon_variants(params)[:1 if quick else None]
   if contestant == 'shampoo':
     return [(('roots_every', SHAMPOO_ROOTS_EVERY[0]),)]
-  if contestant == 'kfax_singd':
-    return [(('damping', d), ('stats_every', SINGD_STATS_EVERY[0]), ('beta', SINGD_BETAS[0]))
-            for d in KFAX_DAMPINGS[:1 if quick else None]]
   if contestant in KFAX:
     (s, i), dampings = KFAX_PERIODS[0], KFAX_DAMPINGS[:1 if quick else None]
     return [(('damping', d), ('stats_every', s), ('inverse_every', i)) for d in dampings]
@@ -450,8 +436,6 @@ def variants(contestant: str, params: Any, quick: bool) -> list[Options]:
 def second_stage(best: Config) -> list[Config]:
   """The other periods, tried at the learning rate and damping of a contestant's best."""
   merge = lambda **o: dataclasses.replace(best, options=tuple({**dict(best.options), **o}.items()))
-  if best.contestant == 'kfax_singd':
-    return [merge(stats_every=s) for s in SINGD_STATS_EVERY[1:]]
   if best.contestant in KFAX:
     return [merge(stats_every=s, inverse_every=i) for s, i in KFAX_PERIODS[1:]]
   if best.contestant == 'shampoo':
@@ -460,11 +444,7 @@ def second_stage(best: Config) -> list[Config]:
 
 
 def third_stage(best: Config) -> list[Config]:
-  """kfax's statistics options, one at a time, at the best config after the periods
-  (kfax_singd: the other steps of its roots)."""
-  if best.contestant == 'kfax_singd':
-    merge = lambda b: tuple({**dict(best.options), 'beta': b}.items())
-    return [dataclasses.replace(best, options=merge(b)) for b in SINGD_BETAS[1:]]
+  """kfax's statistics options, one at a time, at the best config after the periods."""
   if best.contestant not in KFAX:
     return []
   return [dataclasses.replace(best, options=best.options + (option,))
@@ -499,9 +479,6 @@ def unit_transform(config: Config, table: kfax.LayerTable,
     return kfax.quadratic_model(kfax.kfac(table, damping=config.option('damping'),
                                           inverse_every=config.option('inverse_every'),
                                           norm_constraint=None))
-  if name == 'kfax_singd':
-    return optax.chain(singd.ikfac(table, damping=config.option('damping'),
-                                   beta=config.option('beta')), optax.sgd(1.0, momentum=0.9))
   raise ValueError(name)
 
 
@@ -954,14 +931,12 @@ CONTESTANT_NOTES = [
     '- kfax: `optax.chain(kfax.kfac(table, damping=d, inverse_every=i), optax.sgd(lr,'
     ' momentum=0.9))` (factored damping, norm constraint 1e-3), MC-Fisher statistics every'
     ' `stats_every` steps (from every `subsample`-th example, from about half the positions'
-    ' (`positions 2`) or rounded to bfloat16 (`stats_dtype`) where the config says so).',
+    ' (`positions 2`), rounded to bfloat16 (`stats_dtype`) or the empirical Fisher (`fisher'
+    ' empirical`) where the config says so).',
     '- kfax_qm: `kfax.quadratic_model(kfax.kfac(table, damping=d, inverse_every=i,'
     ' norm_constraint=None))`: learning rate and momentum from the quadratic model with exact'
     ' Gauss-Newton products, its damping adapted by the Levenberg-Marquardt rule from 1; no'
     ' learning-rate grid (lr 1 is the model\'s own step).',
-    '- kfax_singd (a trial): `optax.chain(singd.ikfac(table, damping=d, beta=b), optax.sgd(lr,'
-    ' momentum=0.9))`: inverse-free K-FAC (SINGD\'s KFAC-like update, `benchmarks/singd.py`),'
-    ' the Kronecker roots moved by matrix products with step b on each statistics step.',
 ]
 
 
@@ -1030,8 +1005,8 @@ def median_run(r: dict[str, Any]) -> dict[str, Any]:
   return runs[(len(runs) - 1) // 2]
 
 
-COLORS = dict(zip(LR_GRIDS, ('tab:blue', 'tab:orange', 'tab:purple', 'tab:brown', 'tab:red',
-                             'tab:green', 'tab:olive', 'tab:cyan')))
+COLORS = dict(zip(CONTESTANTS, ('tab:blue', 'tab:orange', 'tab:purple', 'tab:brown', 'tab:red',
+                                'tab:green', 'tab:olive')))
 
 
 def panel(ax: Any, name: str, result: dict[str, Any]) -> None:
@@ -1077,8 +1052,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--tasks', default=','.join(TASKS), help=f'from {",".join(TASKS)}')
   p.add_argument('--contestants', default=','.join(CONTESTANTS),
-                 help=f'from {",".join(LR_GRIDS)} (default: all but the trials,'
-                      f' {",".join(TRIALS)})')
+                 help=f'from {",".join(CONTESTANTS)}')
   p.add_argument('--seeds', type=int, default=3, help='seeds of the race of the best configs')
   p.add_argument('--eval_every', type=int, default=10)
   p.add_argument('--extend', type=int, default=2, help='rounds of grid-edge extension')
