@@ -74,7 +74,7 @@ inverse roots on CPU); the tables say where it stopped a run.
 2. Race: the best configuration of each contestant on `--seeds` seeds (0, 1, 2), interleaved;
    the table gives the medians (a seed that does not arrive counts as infinite).
 
-A seed sets the initialization, the data order and kfax's MC samples. Run (16 minutes on 2 CPU
+A seed sets the initialization, the data order and kfax's MC samples. Run (35-40 minutes on 2 CPU
 cores, compilation and evaluation included, half of it the LM; writes
 benchmarks/results/race.md, .json and .png):
 
