@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import race  # noqa: E402
 
 
-
 def variant(text: str) -> tuple[str, object]:
   """'positions 2' -> ('positions', 2); 'stats_dtype bfloat16' -> ('stats_dtype', 'bfloat16')."""
   key, value = text.split()
